@@ -57,8 +57,12 @@ def test_finishes_on_max_tokens_and_eos_and_frees_blocks():
     sched.add_request(a)
     sched.add_request(b)
     done = {}
+
+    def token_of(r):
+        return EOS if r.request_id == "b" and r.num_output_tokens == 1 else 7
+
     while sched.has_unfinished():
-        _, finished = run_step(sched, token_of=lambda r: EOS if r.request_id == "b" and r.num_output_tokens == 1 else 7)
+        _, finished = run_step(sched, token_of)
         done.update({r.request_id: r for r in finished})
     assert done["a"].status is RequestStatus.FINISHED_LENGTH and done["a"].output_token_ids == [7, 7, 7]
     assert done["b"].status is RequestStatus.FINISHED_STOPPED and done["b"].output_token_ids == [7, EOS]
