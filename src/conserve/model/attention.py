@@ -63,7 +63,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if chunk.context_slots is None:
             kc, vc = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
         else:
-            kc, vc = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
+            kc = k_cache.index_select(0, chunk.context_slots)
+            vc = v_cache.index_select(0, chunk.context_slots)
         o = _sdpa(qc, kc.transpose(0, 1), vc.transpose(0, 1), chunk.mask, causal=chunk.mask is None)
         out[chunk.start:chunk.end] = o.transpose(0, 1)
     return out
@@ -74,8 +75,10 @@ def _decode_attention(q, k_cache, v_cache, slots, mask):
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     qg = q.view(b, kv_heads, heads // kv_heads, d)
-    kc = k_cache[slots].transpose(1, 2)  # [B, kv_heads, L, D]
-    vc = v_cache[slots].transpose(1, 2)
+    # index_select on a flat index is several times faster than advanced indexing on CPU.
+    flat = slots.flatten()
+    kc = k_cache.index_select(0, flat).view(*slots.shape, kv_heads, d).transpose(1, 2)  # [B, kv_heads, L, D]
+    vc = v_cache.index_select(0, flat).view(*slots.shape, kv_heads, d).transpose(1, 2)
     o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask)
     return o.reshape(b, heads, d)
 
