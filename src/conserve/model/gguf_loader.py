@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from conserve.errors import ModelLoadError
+from conserve.model.int4 import Q4_TYPES, Q4Blocks, unpack_q4
 
 # GGUF architecture -> (HF architecture, q/k rows stored permuted for llama.cpp's interleaved rope)
 _ARCHITECTURES = {
@@ -96,14 +97,16 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    # llama.cpp interleaves each head's rotary pairs (i, i + d/2) as rows (2i, 2i + 1); undo that.
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _unpermute_order(rows: int, heads: int) -> np.ndarray:
+    # llama.cpp interleaves each head's rotary pairs (i, i + d/2) as rows (2i, 2i + 1); this row
+    # order undoes that, giving the rotate-half layout of HF checkpoints.
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
-def iter_gguf_tensors(reader, path: Path, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 tensor) one at a time, dequantising quantised types."""
+def iter_gguf_tensors(reader, path: Path, config: dict[str, Any], want_q4: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor, Q4Blocks | None]]:
+    """Yield (HF name, float32 tensor, Q4 blocks or None) one at a time, dequantising quantised
+    types. With want_q4, Q4_0/Q4_1 tensors also come as their raw 4-bit blocks."""
     from gguf import GGMLQuantizationType, quants
 
     permuted = _ARCHITECTURES[gguf_architecture(reader, path)][1]
@@ -121,7 +124,12 @@ def iter_gguf_tensors(reader, path: Path, config: dict[str, Any]) -> Iterator[tu
             raise ModelLoadError(f"{path}: tensor {t.name} uses unsupported type {t.tensor_type.name}") from None
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         data = data.reshape(shape)
+        q4 = None
+        if want_q4 and t.tensor_type.name in Q4_TYPES and len(shape) == 2:
+            q4 = unpack_q4(t.data, t.tensor_type.name, *shape)
         proj = name.split(".")[-2]
         if permuted and proj in heads:
-            data = _unpermute(data, heads[proj])
-        yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
+            order = _unpermute_order(shape[0], heads[proj])
+            data = data[order]
+            q4 = q4.permute_rows(order) if q4 is not None else None
+        yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C")), q4

@@ -40,7 +40,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, None]]:
     """Yield (name, tensor) one at a time, so peak memory stays near one tensor over the model."""
     from safetensors import safe_open
 
@@ -48,7 +48,7 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+                    yield name, handle.get_tensor(name), None
         except ModelLoadError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers

@@ -13,6 +13,7 @@ import torch
 from conserve.errors import ModelLoadError
 from conserve.model.config import ModelConfig
 from conserve.model.gguf_loader import gguf_hf_config, iter_gguf_tensors, open_gguf
+from conserve.model.int4 import int4_kernels_available
 from conserve.model.hf_loader import iter_safetensors, read_hf_config, safetensors_files
 from conserve.model.llama import LlamaModel
 from conserve.tokenizer import Tokenizer
@@ -71,9 +72,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               max_model_len: int | None = None) -> LoadedModel:
+               max_model_len: int | None = None, int4: str = "auto") -> LoadedModel:
+    """int4: "auto" runs GGUF Q4_0/Q4_1 weights through int4 kernels for small batches where that
+    is exact up to bfloat16 rounding of the block scales (bfloat16 on CPU); "off" never does."""
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if int4 not in ("auto", "off"):
+        raise ValueError(f"int4 must be auto or off, got {int4!r}")
+    use_int4 = int4 == "auto" and torch_dtype == torch.bfloat16 and dev.type == "cpu" and int4_kernels_available()
     path = Path(model).expanduser() if model else default_model_path()
     started = time.perf_counter()
     if path.is_dir():
@@ -86,7 +92,7 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
         reader = open_gguf(path)
         hf = gguf_hf_config(reader, path)
         source = str(path)
-        tensors = lambda cfg: iter_gguf_tensors(reader, path, cfg)  # noqa: E731
+        tensors = lambda cfg: iter_gguf_tensors(reader, path, cfg, use_int4)  # noqa: E731
         tokenizer = Tokenizer.from_gguf(reader)
         name = path.stem
     else:
@@ -98,9 +104,9 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
     max_len = max_model_len or limit
     net = LlamaModel(config, torch_dtype, dev)
     with torch.inference_mode():
-        for tensor_name, tensor in tensors(hf):
-            net.load_weight(tensor_name, tensor)
-        net.finish_loading(source, max_len)
-    log.info("loaded %s (%s, %s) in %.1f s", path, config.architecture, torch_dtype,
-             time.perf_counter() - started)
+        for tensor_name, tensor, q4 in tensors(hf):
+            net.load_weight(tensor_name, tensor, q4)
+        net.finish_loading(source, max_len, use_int4)
+    log.info("loaded %s (%s, %s, %d int4 projections) in %.1f s", path, config.architecture, torch_dtype,
+             net.num_int4_weights, time.perf_counter() - started)
     return LoadedModel(path, name, config, net, tokenizer, max_len)
