@@ -17,6 +17,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations dtype; auto picks bfloat16 where the CPU has native "
                         "bf16 instructions (or on CUDA), else float32")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--int4", default="auto", choices=["auto", "off"],
+                   help="auto: run GGUF Q4_0/Q4_1 weights with int4 kernels when an iteration has few "
+                        "tokens (bfloat16 on CPU; ~2x faster single-stream decode); off: bfloat16 only")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
     g.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache, GiB")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
@@ -32,7 +35,7 @@ def engine_config(args: argparse.Namespace):
                         max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                         num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        seed=getattr(args, "seed", None) or 0)
+                        seed=getattr(args, "seed", None) or 0, int4=args.int4)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # token budget of one iteration
     max_num_seqs: int = 256
     seed: int = 0
+    int4: str = "auto"  # "auto": int4 kernels for GGUF Q4 weights at small batches (bf16 CPU); "off"
 
     def __post_init__(self) -> None:
         if self.kv_cache_gb <= 0:
@@ -27,5 +28,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.int4 not in ("auto", "off"):
+            raise ValueError(f"int4 must be auto or off, got {self.int4!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

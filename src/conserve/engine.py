@@ -52,7 +52,7 @@ class _Parent:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
         self.config = config = config or EngineConfig(**kwargs)
-        loaded = load_model(config.model, config.dtype, config.device, config.max_model_len)
+        loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.int4)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len

@@ -43,9 +43,12 @@ class ModelConfig:
         try:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
-            rope_scaling = hf.get("rope_scaling") or None
+            # transformers >= 5 writes theta and scaling together as "rope_parameters".
+            rope_params = hf.get("rope_parameters") or {}
+            rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+            rope_scaling = hf.get("rope_scaling") or rope_params or None
             if rope_scaling:
-                kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+                kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
                 if kind not in ("llama3", "linear", "default"):
                     raise ModelLoadError(f"{source}: unsupported rope_scaling type {kind!r}")
                 if kind == "default":
@@ -60,7 +63,7 @@ class ModelConfig:
                 num_kv_heads=int(hf.get("num_key_value_heads") or heads),
                 head_dim=int(hf.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
+                rope_theta=float(rope_theta),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attention_bias=bool(hf.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),

@@ -85,7 +85,8 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
     if path.is_dir():
         hf = read_hf_config(path)
         source = str(path / "config.json")
-        tensors = lambda cfg: iter_safetensors(safetensors_files(path))  # noqa: E731
+        files = safetensors_files(path)
+        tensors = lambda cfg: iter_safetensors(files)  # noqa: E731
         tokenizer = Tokenizer.from_hf_dir(path)
         name = path.name
     elif path.suffix == ".gguf" or path.is_file():
