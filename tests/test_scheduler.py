@@ -138,3 +138,15 @@ def test_recompute_after_preemption_schedules_whole_sequence_again():
     sched._preempt(a)
     out = sched.schedule()
     assert [(s.request.request_id, s.num_new_tokens, s.samples) for s in out.scheduled] == [("a", 8, True)]
+
+
+def test_online_requests_wait_ahead_of_offline_ones():
+    from conserve.request import RequestClass
+
+    sched, _ = make(max_seqs=1)
+    offline = [Request(f"off{i}", [1, 2], SamplingParams(max_tokens=1), request_class=RequestClass.OFFLINE)
+               for i in range(2)]
+    for r in offline:
+        sched.add_request(r)
+    sched.add_request(req("on", 2, max_tokens=1))
+    assert [r.request_id for r in sched.waiting] == ["on", "off0", "off1"]

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    from conserve.server.serve import add_serve_command
+
+    add_serve_command(sub, [common], add_engine_args)
     return parser
 
 

@@ -85,7 +85,7 @@ class Engine:
             raise RequestError(f"duplicate request id {request_id!r}")
         text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(prompt_ids)
+        self.validate_prompt(prompt_ids)
         children = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         self._parents[request_id] = _Parent(request_id, text, prompt_ids, children)
         for index, child_id in enumerate(children):
@@ -101,7 +101,8 @@ class Engine:
             self._tracked[child_id] = _Tracked(request, text, detok, request_id, index, logprobs)
             self.scheduler.add_request(request)
 
-    def _validate_prompt(self, ids: list[int]) -> None:
+    def validate_prompt(self, ids: list[int]) -> None:
+        """Raise RequestError if this prompt can never run. Reads configuration only: thread-safe."""
         if not ids:
             raise RequestError("the prompt is empty")
         if len(ids) >= self.max_model_len:

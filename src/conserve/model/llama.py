@@ -48,6 +48,9 @@ class LayerWeights:
     down: torch.Tensor
     # The same projections as int4 weights, when the file holds them as Q4 blocks (see int4.py).
     int4: dict[str, Int4Weight] = field(default_factory=dict)
+    # Norm weights in float32, for the float32 residual stream.
+    input_norm_f32: torch.Tensor | None = None
+    post_norm_f32: torch.Tensor | None = None
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -148,6 +151,8 @@ class LlamaModel:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
         self.rotary = RotaryEmbedding(self.config, max_positions, self.device, self.rope_freq_factors)
+        for layer in self.layers:
+            layer.input_norm_f32, layer.post_norm_f32 = layer.input_norm.float(), layer.post_norm.float()
         if use_int4:
             self._build_int4()
         self._q4_parts.clear()
@@ -173,18 +178,21 @@ class LlamaModel:
         eps = c.rms_norm_eps
         t = input_ids.shape[0]
         cos, sin = self.rotary.tables(positions, self.dtype)
-        h = F.embedding(input_ids, self.embed)
+        # The residual stream stays in float32: 60 bfloat16 additions would lose the small updates
+        # that decide close calls between tokens. Only the matmul inputs are cast down.
+        h = F.embedding(input_ids, self.embed).float()
+        dt = self.dtype
         small = t <= INT4_MAX_TOKENS
         for i, w in enumerate(self.layers):
             q4 = w.int4 if small else {}
-            x = F.rms_norm(h, (c.hidden_size,), w.input_norm, eps)
+            x = F.rms_norm(h, (c.hidden_size,), w.input_norm_f32, eps).to(dt)
             qkv = _linear(x, w.qkv, q4.get("qkv"), w.qkv_bias)
             qk = apply_rotary(qkv[:, : c.q_size + c.kv_size].view(t, -1, c.head_dim), cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, c.q_size + c.kv_size:].view(t, c.num_kv_heads, c.head_dim)
             attn = paged_attention(q, k, v, kv.k[i], kv.v[i], meta)
             h = h + _linear(attn.view(t, c.q_size), w.o, q4.get("o"))
-            x = F.rms_norm(h, (c.hidden_size,), w.post_norm, eps)
+            x = F.rms_norm(h, (c.hidden_size,), w.post_norm_f32, eps).to(dt)
             gate, up = _linear(x, w.gate_up, q4.get("gate_up")).chunk(2, dim=-1)
             h = h + _linear(F.silu(gate) * up, w.down, q4.get("down"))
             if safepoint is not None and i + 1 < c.num_layers and safepoint(i):

@@ -39,6 +39,12 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.requests[request.request_id] = request
+        if request.is_online:
+            # Online requests wait ahead of offline ones (the co-serving scheduler refines this).
+            for i, queued in enumerate(self.waiting):
+                if not queued.is_online:
+                    self.waiting.insert(i, request)
+                    return
         self.waiting.append(request)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:

@@ -1,0 +1,128 @@
+"""The FastAPI app: OpenAI endpoints, health, metrics, API-key check and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from conserve.async_engine import AsyncEngine
+from conserve.server.errors import APIError, error_response
+from conserve.server.metrics import Metrics
+from conserve.server.openai_api import OpenAIServing
+from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: str | None = None,
+              extra_routers: Callable[[OpenAIServing], list] | None = None, on_startup=None,
+              on_shutdown=None) -> FastAPI:
+    """extra_routers: given the serving object (whose `execute` runs one request offline), returns
+    more routers to mount (the Files and Batches API)."""
+    serving = OpenAIServing(engine, model_name, metrics)
+    started = time.time()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        if on_startup is not None:
+            await on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown()
+            engine.shutdown()
+
+    app = FastAPI(title="conserve", version="0.1.0", lifespan=lifespan)
+    app.state.serving = serving
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                metrics.http_errors.labels("401").inc()
+                return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        metrics.http_errors.labels(str(e.status)).inc()
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        metrics.http_errors.labels("400").inc()
+        errors = e.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON")
+        return error_response(400, _request_validation_message(errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        metrics.http_errors.labels(str(e.status_code)).inc()
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception):  # a bug: log it, never show a traceback
+        log.exception("unhandled error")
+        metrics.http_errors.labels("500").inc()
+        return error_response(500, f"internal error: {type(e).__name__}")
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return error_response(503, "the engine is not running")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
+                                            "owned_by": "conserve", "max_model_len": serving.max_model_len}]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
+        return {"id": model_name, "object": "model", "created": int(started), "owned_by": "conserve"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, raw: Request):
+        return await serving.chat(body, raw)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        return await serving.completion(body, raw)
+
+    for router in (extra_routers(serving) if extra_routers else []):
+        app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return PlainTextResponse("conserve: OpenAI-compatible API under /v1\n")
+
+    return app
+
+
+def _request_validation_message(errors) -> str:
+    parts = []
+    for err in errors[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = err.get("msg", "invalid")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request"
+

@@ -1,0 +1,49 @@
+"""Prometheus metrics: request counts, latency histograms and tokens by request class, queue depths
+and KV cache use. Each app gets its own registry so several servers can live in one process (tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from conserve.engine import Engine
+from conserve.request import RequestClass
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        cls = ["request_class"]
+        self.requests = Counter("conserve_requests", "Finished requests", cls + ["finish_reason"], registry=r)
+        self.ttft = Histogram("conserve_time_to_first_token_seconds", "Arrival to first token", cls,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tbt = Histogram("conserve_inter_token_latency_seconds", "Time between tokens of a request", cls,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("conserve_e2e_request_latency_seconds", "Arrival to last token", cls,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("conserve_prompt_tokens", "Prompt tokens of finished requests", cls,
+                                     registry=r)
+        self.generation_tokens = Counter("conserve_generation_tokens", "Generated tokens", cls, registry=r)
+        self.running = Gauge("conserve_num_requests_running", "Requests in the running batch", cls, registry=r)
+        self.waiting = Gauge("conserve_num_requests_waiting", "Requests waiting to run", cls, registry=r)
+        self.kv_used = Gauge("conserve_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_total = Gauge("conserve_kv_blocks_total", "KV cache blocks in all", registry=r)
+        self.iteration = Histogram("conserve_iteration_seconds", "Time of one engine step",
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.http_errors = Counter("conserve_http_errors", "Error responses", ["status"], registry=r)
+
+    def on_step(self, engine: Engine, outputs: list, seconds: float) -> None:
+        """Called on the engine thread after each step."""
+        self.iteration.observe(seconds)
+        sched = engine.scheduler
+        for c in RequestClass:
+            self.running.labels(c.value).set(sum(1 for r in sched.running if r.request_class is c))
+            self.waiting.labels(c.value).set(sum(1 for r in sched.waiting if r.request_class is c))
+        pool = engine.kv_manager.pool
+        self.kv_used.set(pool.num_used)
+        self.kv_total.set(pool.num_blocks)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

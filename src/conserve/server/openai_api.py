@@ -1,0 +1,305 @@
+"""The OpenAI chat and completions endpoints over the AsyncEngine, streamed or whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from conserve.async_engine import AsyncEngine, EngineDeadError
+from conserve.errors import RequestError
+from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from conserve.request import RequestClass
+from conserve.sampling_params import SamplingParams
+from conserve.server.errors import APIError, error_body
+from conserve.server.metrics import Metrics
+from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+@dataclass
+class _Job:
+    """One request as the engine sees it: a tokenised prompt and its sampling parameters."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt_text: str | None
+    params: SamplingParams
+    request_class: RequestClass
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    # -- entry points --------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, raw: Request | None = None):
+        jobs = self._chat_jobs(req)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._sse(self._stream(jobs, "chat.completion.chunk", include_usage, chat=True, echo=False))
+        outs = await self._collect(jobs, raw)
+        return self._chat_response(jobs, outs)
+
+    async def completion(self, req: CompletionRequest, raw: Request | None = None):
+        jobs = self._completion_jobs(req)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._sse(self._stream(jobs, "text_completion", include_usage, chat=False, echo=req.echo))
+        outs = await self._collect(jobs, raw)
+        return self._completion_response(jobs, outs, req.echo)
+
+    async def execute(self, endpoint: str, body: dict) -> tuple[int, dict]:
+        """Run one batch line as an offline, non-streaming request; never raises for bad input."""
+        try:
+            if endpoint == CHAT:
+                req = ChatCompletionRequest.model_validate({**body, "stream": False, "service_tier": "flex"})
+                jobs = self._chat_jobs(req)
+                return 200, self._chat_response(jobs, await self._collect(jobs, None))
+            if endpoint == COMPLETIONS:
+                req = CompletionRequest.model_validate({**body, "stream": False, "service_tier": "flex"})
+                jobs = self._completion_jobs(req)
+                return 200, self._completion_response(jobs, await self._collect(jobs, None), req.echo)
+            return 400, error_body(400, f"unsupported endpoint {endpoint!r}")
+        except ValidationError as e:
+            return 400, error_body(400, validation_message(e))
+        except APIError as e:
+            return e.status, error_body(e.status, e.message, e.param, e.code)
+
+    # -- requests in ---------------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                           "model", "model_not_found")
+
+    def _chat_jobs(self, req: ChatCompletionRequest) -> list[_Job]:
+        self._check_model(req.model)
+        try:
+            text = self.tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=req.add_generation_prompt,
+                                                      chat_template=req.chat_template)
+        except ValueError as e:
+            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [self._job(ids, None, req.requested_max_tokens(), req.to_params, req.request_class)]
+
+    def _completion_jobs(self, req: CompletionRequest) -> list[_Job]:
+        self._check_model(req.model)
+        jobs = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                ids, text = self.tokenizer.encode(prompt), prompt
+            else:
+                ids, text = list(prompt), None
+            jobs.append(self._job(ids, text, req.max_tokens, req.to_params, req.request_class))
+        return jobs
+
+    def _job(self, ids: list[int], text: str | None, max_tokens: int | None, to_params, request_class) -> _Job:
+        try:
+            self.engine.engine.validate_prompt(ids)
+        except RequestError as e:
+            raise APIError(400, str(e), "messages" if text is None else "prompt", "context_length_exceeded"
+                           if "max_model_len" in str(e) else None) from None
+        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                           f"prompt has {len(ids)} tokens and max_tokens asks for {max_tokens} more",
+                           "max_tokens", "context_length_exceeded")
+        params = to_params(max_tokens)
+        return _Job(f"req-{uuid.uuid4().hex}", ids, text, params, request_class)
+
+    # -- running -------------------------------------------------------------------------------
+    async def _outputs(self, job: _Job) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one job, recording latency metrics on the way."""
+        cls = job.request_class.value
+        last_time, last_count = None, 0
+        try:
+            async for out in self.engine.generate(job.request_id, job.prompt_token_ids, job.params,
+                                                  job.request_class):
+                now = time.monotonic()
+                count = sum(len(o.token_ids) for o in out.outputs)
+                if count > last_count:
+                    if last_time is None:
+                        self.metrics.ttft.labels(cls).observe(now - job.arrival)
+                    else:
+                        self.metrics.tbt.labels(cls).observe(now - last_time)
+                    last_time, last_count = now, count
+                if out.finished:
+                    self.metrics.e2e.labels(cls).observe(now - job.arrival)
+                    self.metrics.prompt_tokens.labels(cls).inc(len(job.prompt_token_ids))
+                    self.metrics.generation_tokens.labels(cls).inc(count)
+                    for o in out.outputs:
+                        self.metrics.requests.labels(cls, o.finish_reason or "unknown").inc()
+                yield out
+        except RequestError as e:
+            raise APIError(400, str(e)) from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from None
+
+    async def _collect(self, jobs: list[_Job], raw: Request | None) -> list[RequestOutput]:
+        async def last(job: _Job) -> RequestOutput:
+            final = None
+            async for out in self._outputs(job):
+                final = out
+            return final
+
+        task = asyncio.ensure_future(asyncio.gather(*(last(j) for j in jobs)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if raw is not None and await raw.is_disconnected():
+                    task.cancel()  # aborts every job: their generators' finally blocks run
+                    raise APIError(499, "client disconnected")
+        finally:
+            if not task.done():
+                task.cancel()
+
+    # -- responses -----------------------------------------------------------------------------
+    def _usage(self, jobs: list[_Job], outs: list[RequestOutput]) -> dict:
+        prompt = sum(len(j.prompt_token_ids) for j in jobs)
+        completion = sum(len(o.token_ids) for out in outs for o in out.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _chat_response(self, jobs: list[_Job], outs: list[RequestOutput]) -> dict:
+        choices = []
+        for o in outs[0].outputs:
+            choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
+                            "logprobs": self._chat_logprobs(o.logprobs) if o.logprobs is not None else None,
+                            "finish_reason": o.finish_reason})
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices, "usage": self._usage(jobs, outs),
+                "service_tier": "flex" if jobs[0].request_class is RequestClass.OFFLINE else "default"}
+
+    def _completion_response(self, jobs: list[_Job], outs: list[RequestOutput], echo: bool) -> dict:
+        choices = []
+        for i, (job, out) in enumerate(zip(jobs, outs)):
+            prefix = self._prompt_text(job) if echo else ""
+            for o in out.outputs:
+                choices.append({"index": i * job.params.n + o.index, "text": prefix + o.text,
+                                "logprobs": self._completion_logprobs(o.logprobs, len(prefix))
+                                if o.logprobs is not None else None,
+                                "finish_reason": o.finish_reason})
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices, "usage": self._usage(jobs, outs)}
+
+    def _prompt_text(self, job: _Job) -> str:
+        return job.prompt_text if job.prompt_text is not None else self.tokenizer.decode(job.prompt_token_ids)
+
+    def _token_entry(self, token_id: int, logprob: float) -> dict:
+        return {"token": self.tokenizer.token_text(token_id), "logprob": logprob,
+                "bytes": list(self.tokenizer.token_bytes(token_id))}
+
+    def _chat_logprobs(self, lps: list[TokenLogprobs]) -> dict:
+        return {"content": [{**self._token_entry(lp.token_id, lp.logprob),
+                             "top_logprobs": [self._token_entry(t, v) for t, v in lp.top]} for lp in lps]}
+
+    def _completion_logprobs(self, lps: list[TokenLogprobs], offset: int) -> dict:
+        tokens, offsets = [], []
+        for lp in lps:
+            offsets.append(offset)
+            text = self.tokenizer.token_text(lp.token_id)
+            tokens.append(text)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.tokenizer.token_text(t): v for t, v in lp.top} for lp in lps],
+                "text_offset": offsets}
+
+    # -- streaming -----------------------------------------------------------------------------
+    def _sse(self, events: AsyncIterator[dict]) -> StreamingResponse:
+        async def body():
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            except APIError as e:  # headers are gone: report the error in-band, as OpenAI does
+                yield f"data: {json.dumps(error_body(e.status, e.message, e.param, e.code))}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _stream(self, jobs: list[_Job], kind: str, include_usage: bool, chat: bool,
+                      echo: bool) -> AsyncIterator[dict]:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            event = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
+            if include_usage:
+                event["usage"] = usage
+            return event
+
+        merged: asyncio.Queue = asyncio.Queue()
+        finals: dict[int, RequestOutput] = {}
+
+        async def pump(i: int, job: _Job) -> None:
+            try:
+                async for out in self._outputs(job):
+                    await merged.put((i, out))
+            except BaseException as e:  # noqa: BLE001 - delivered to the consumer, which re-raises
+                await merged.put((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, j)) for i, j in enumerate(jobs)]
+        sent: dict[tuple[int, int], tuple[int, int]] = {}  # (job, choice) -> (chars, tokens) sent
+        try:
+            if chat:
+                yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for c in range(jobs[0].params.n)])
+            elif echo:
+                yield chunk([{"index": i * j.params.n + c, "text": self._prompt_text(j), "logprobs": None,
+                              "finish_reason": None} for i, j in enumerate(jobs) for c in range(j.params.n)])
+            while len(finals) < len(jobs):
+                i, item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                choices = [self._delta(i, jobs[i], o, sent, chat) for o in item.outputs]
+                choices = [c for c in choices if c is not None]
+                if choices:
+                    yield chunk(choices, None)
+                if item.finished:
+                    finals[i] = item
+            if include_usage:
+                yield chunk([], self._usage(jobs, [finals[i] for i in range(len(jobs))]))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _delta(self, i: int, job: _Job, o: CompletionOutput, sent: dict, chat: bool) -> dict | None:
+        chars, tokens = sent.get((i, o.index), (0, 0))
+        text = o.text[chars:]
+        new_lps = o.logprobs[tokens:] if o.logprobs is not None else None
+        if not text and o.finish_reason is None and not new_lps:
+            return None
+        sent[(i, o.index)] = (len(o.text), len(o.token_ids))
+        index = i * job.params.n + o.index
+        if chat:
+            return {"index": index, "delta": {"content": text} if text else {},
+                    "logprobs": self._chat_logprobs(new_lps) if new_lps else None,
+                    "finish_reason": o.finish_reason}
+        return {"index": index, "text": text,
+                "logprobs": self._completion_logprobs(new_lps, chars) if new_lps else None,
+                "finish_reason": o.finish_reason}
+
+
+def validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def json_error(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)

@@ -1,0 +1,153 @@
+"""OpenAI request schemas (with vLLM's sampling extras) and their translation to SamplingParams."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from conserve.errors import RequestError
+from conserve.request import RequestClass
+from conserve.sampling_params import SamplingParams
+from conserve.server.errors import APIError
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    # Unknown fields are ignored (as vLLM does); known fields are type-checked.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    service_tier: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @property
+    def request_class(self) -> RequestClass:
+        return RequestClass.OFFLINE if self.service_tier == "flex" else RequestClass.ONLINE
+
+    def _check_unsupported(self) -> None:
+        if self.presence_penalty or self.frequency_penalty:
+            raise APIError(400, "presence_penalty and frequency_penalty are not supported by this server",
+                           "presence_penalty")
+        if self.service_tier not in (None, "auto", "default", "flex"):
+            raise APIError(400, f"service_tier must be auto, default or flex, got {self.service_tier!r}",
+                           "service_tier")
+        if self.n > 16:
+            raise APIError(400, "n must be at most 16", "n")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        self._check_unsupported()
+        try:
+            return SamplingParams(
+                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                min_p=self.min_p or 0.0, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
+                stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+                stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens)
+        except RequestError as e:
+            raise APIError(400, str(e)) from None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"only text content parts are supported, got {part.get('type')!r}",
+                               "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+
+    def to_params(self, max_tokens: int | None) -> SamplingParams:
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", "tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise APIError(400, "only response_format type 'text' is supported", "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.messages:
+            message = {"role": m.role, "content": m.text()}
+            if m.name:
+                message["name"] = m.name
+            out.append(message)
+        return out
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def to_params(self, max_tokens: int | None) -> SamplingParams:
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", "suffix")
+        if self.best_of not in (None, self.n):
+            raise APIError(400, "best_of is not supported by this server", "best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
+            raise APIError(400, "logprobs must be between 0 and 5", "logprobs")
+        return self.sampling_params(max_tokens, self.logprobs)
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+StreamLiteral = Literal["chat.completion.chunk", "text_completion"]

@@ -1,0 +1,43 @@
+"""`conserve serve`: load the model, start the engine thread and the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_command(sub, parents, add_engine_args) -> None:
+    p = sub.add_parser("serve", parents=parents, help="OpenAI-compatible HTTP server (online + offline)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default=str(Path.home() / ".local/share/conserve"),
+                   help="where uploaded files, batch jobs and their results live (survives restarts)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", default=None, help="model id reported by the API (default: file name)")
+    p.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted file upload")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from conserve.async_engine import AsyncEngine
+    from conserve.cli import engine_config
+    from conserve.engine import Engine
+    from conserve.server.app import build_app
+    from conserve.server.metrics import Metrics
+
+    engine = Engine(engine_config(args))
+    engine.warmup()
+    metrics = Metrics()
+    async_engine = AsyncEngine(engine, on_step=metrics.on_step)
+    name = args.served_model_name or engine.loaded.name
+    app = build_app(async_engine, name, metrics, api_key=args.api_key)
+    log.info("serving %s on http://%s:%d", name, args.host, args.port)
+    print(f"conserve: serving {name} on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
