@@ -38,9 +38,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[Engine, list[RequestOutput], float], None] | None = None):
+    def __init__(self, engine: Engine,
+                 on_step: Callable[[Engine, list[RequestOutput], float | None], None] | None = None):
         self.engine = engine
-        self._on_step = on_step  # metrics hook, called on the engine thread after each step
+        # Metrics hook, called on the engine thread after each step (with its duration) and after
+        # requests were added or aborted (duration None).
+        self._on_step = on_step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -100,7 +103,8 @@ class AsyncEngine:
         engine = self.engine
         try:
             while not self._stopping:
-                self._drain_inbox()
+                if self._drain_inbox() and self._on_step is not None:
+                    self._on_step(engine, [], None)  # requests came or went: refresh gauges
                 if not engine.has_unfinished_requests():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
@@ -117,13 +121,16 @@ class AsyncEngine:
             error = EngineDeadError(f"the engine stopped: {e}")
             self._deliver([(rid, error) for rid in list(self._streams)])
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; True if there were any."""
         engine = self.engine
+        drained = False
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return drained
+            drained = True
             if isinstance(item, tuple):  # ("abort", id)
                 engine.abort_request(item[1])
                 continue

@@ -34,9 +34,10 @@ class Metrics:
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.http_errors = Counter("conserve_http_errors", "Error responses", ["status"], registry=r)
 
-    def on_step(self, engine: Engine, outputs: list, seconds: float) -> None:
-        """Called on the engine thread after each step."""
-        self.iteration.observe(seconds)
+    def on_step(self, engine: Engine, outputs: list, seconds: float | None) -> None:
+        """Called on the engine thread after each step, and with seconds=None when requests came or went."""
+        if seconds is not None:
+            self.iteration.observe(seconds)
         sched = engine.scheduler
         for c in RequestClass:
             self.running.labels(c.value).set(sum(1 for r in sched.running if r.request_class is c))
