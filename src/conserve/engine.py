@@ -13,6 +13,7 @@ from conserve.config import EngineConfig
 from conserve.detokenizer import IncrementalDetokenizer
 from conserve.errors import RequestError
 from conserve.kv.kv_manager import KVCacheManager, blocks_needed
+from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
@@ -52,6 +53,7 @@ class _Parent:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
         self.config = config = config or EngineConfig(**kwargs)
+        tune_malloc()
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.int4)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer

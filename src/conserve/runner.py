@@ -72,9 +72,9 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append((row + n - 1, s.request))
         dev = self.device
-        decode_slots, decode_mask = self._decode_context(decodes) if decodes else (None, None)
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), len(decodes), decode_slots, decode_mask,
-                                 prefills)
+        decode_slots, decode_bias = self._decode_context(decodes) if decodes else (None, None)
+        meta = AttentionMetadata(self.kv.rows(torch.tensor(slots, device=dev)), len(decodes), decode_slots,
+                                 decode_bias, prefills)
         return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, sample_rows
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ class ModelRunner:
         ctx = start + n
         q_pos = torch.arange(start, ctx, device=self.device)
         mask = torch.arange(ctx, device=self.device).unsqueeze(0) <= q_pos.unsqueeze(1)
-        return PrefillChunk(row, row + n, self._context_slots(s.block_table, ctx), mask)
+        return PrefillChunk(row, row + n, self.kv.rows(self._context_slots(s.block_table, ctx)), mask)
 
     def _decode_context(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         bs, dev = self.block_size, self.device
@@ -99,8 +99,9 @@ class ModelRunner:
         tables = torch.tensor([(s.block_table + [0] * max_blocks)[:max_blocks] for s in decodes], device=dev)
         offsets = torch.arange(max_len, device=dev)
         slots = tables[:, offsets // bs] * bs + offsets % bs
-        mask = offsets.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)
-        return slots, mask[:, None, None, :]
+        padding = offsets.unsqueeze(0) >= torch.tensor(lengths, device=dev).unsqueeze(1)
+        bias = torch.zeros(padding.shape, device=dev).masked_fill_(padding, float("-inf"))
+        return self.kv.rows(slots.flatten()), bias
 
     def _sampling_row(self, request: Request) -> SamplingRow:
         params = request.sampling_params

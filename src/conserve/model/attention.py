@@ -3,6 +3,12 @@
 The runner orders an iteration's tokens as: all decode tokens (one per request) first, then each
 prefill chunk as a contiguous run. New keys/values are written into the cache at `slot_mapping`
 (slot = block * block_size + offset); attention then reads the context back through slot indices.
+
+The cache keeps heads outermost, [kv_heads, slots, head_dim]: a gather of the context then yields
+[kv_heads, B * L, head_dim], which views as contiguous [kv_heads * B, L, head_dim] matrices that
+batched matmuls consume without another copy. Gathers and writes index the flattened
+[kv_heads * slots, head_dim] view along dim 0 (index_select along an inner dim is ~4x slower on CPU);
+the runner expands slot numbers into such head-major row numbers once per iteration.
 """
 
 from __future__ import annotations
@@ -19,29 +25,34 @@ _HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 class PrefillChunk:
     start: int  # first row of this chunk in the iteration's tokens
     end: int
-    context_slots: torch.Tensor | None  # [ctx] slots of the whole context; None: chunk is the context
+    context_slots: torch.Tensor | None  # [kv_heads * ctx] cache rows of the context; None: chunk is all
     mask: torch.Tensor | None  # [q, ctx] bool, True = attend; None: plain causal
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
+    slot_mapping: torch.Tensor  # [kv_heads * T] cache rows where the new tokens' K/V go, head-major
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [B, L] context slots per decode request, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, False on padding
+    decode_slots: torch.Tensor | None  # [kv_heads * B * L] cache rows of the decode contexts, padded to L
+    decode_bias: torch.Tensor | None  # [B, L] float32, 0 where attended and -inf on padding
     prefills: list[PrefillChunk]
 
 
 class KVCache:
-    """Per-layer key and value tensors, each [num_blocks * block_size, kv_heads, head_dim]."""
+    """Per-layer key and value tensors, each [kv_heads, num_blocks * block_size, head_dim]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         slots = num_blocks * block_size
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.k = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._head_offsets = torch.arange(kv_heads, device=device).unsqueeze(1) * slots
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Slot numbers [n] -> row numbers [kv_heads * n] of the flattened [kv_heads * slots, D] view."""
+        return (self._head_offsets + slots.unsqueeze(0)).flatten()
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
@@ -52,35 +63,46 @@ class KVCache:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, heads, D]; k, v: [T, kv_heads, D] (this iteration's new entries). Returns [T, heads, D]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    kv_heads, _, d = k_cache.shape
+    k_rows, v_rows = k_cache.view(-1, d), v_cache.view(-1, d)
+    k_rows.index_copy_(0, meta.slot_mapping, k.transpose(0, 1).reshape(-1, d))
+    v_rows.index_copy_(0, meta.slot_mapping, v.transpose(0, 1).reshape(-1, d))
     nd = meta.num_decodes
+    decoded = None
     if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_mask)
+        decoded = _decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_bias)
+        if not meta.prefills:
+            return decoded
+    out = torch.empty_like(q)
+    if decoded is not None:
+        out[:nd] = decoded
     for chunk in meta.prefills:
         qc = q[chunk.start:chunk.end].transpose(0, 1)  # [heads, q, D]
         if chunk.context_slots is None:
-            kc, vc = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
+            kc, vc = k[chunk.start:chunk.end].transpose(0, 1), v[chunk.start:chunk.end].transpose(0, 1)
         else:
-            kc = k_cache.index_select(0, chunk.context_slots)
-            vc = v_cache.index_select(0, chunk.context_slots)
-        o = _sdpa(qc, kc.transpose(0, 1), vc.transpose(0, 1), chunk.mask, causal=chunk.mask is None)
+            kc = k_rows.index_select(0, chunk.context_slots).view(kv_heads, -1, d)  # [kv_heads, ctx, D]
+            vc = v_rows.index_select(0, chunk.context_slots).view(kv_heads, -1, d)
+        o = _sdpa(qc, kc, vc, chunk.mask, causal=chunk.mask is None)
         out[chunk.start:chunk.end] = o.transpose(0, 1)
     return out
 
 
-def _decode_attention(q, k_cache, v_cache, slots, mask):
-    # Fold the query heads sharing one KV head into the "query length" axis: no K/V repeat needed.
+def _decode_attention(q, k_cache, v_cache, slots, bias):
+    # One query token per request. The query heads sharing a KV head form a tiny [group, D] matrix,
+    # so attention is two batched matmuls over (kv_head, request) pairs; scores softmax in float32.
     b, heads, d = q.shape
-    kv_heads = k_cache.shape[1]
-    qg = q.view(b, kv_heads, heads // kv_heads, d)
-    # index_select on a flat index is several times faster than advanced indexing on CPU.
-    flat = slots.flatten()
-    kc = k_cache.index_select(0, flat).view(*slots.shape, kv_heads, d).transpose(1, 2)  # [B, kv_heads, L, D]
-    vc = v_cache.index_select(0, flat).view(*slots.shape, kv_heads, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask)
-    return o.reshape(b, heads, d)
+    kv_heads = k_cache.shape[0]
+    group = heads // kv_heads
+    length = bias.shape[1]
+    kc = k_cache.view(-1, d).index_select(0, slots).view(kv_heads * b, length, d)
+    vc = v_cache.view(-1, d).index_select(0, slots).view(kv_heads * b, length, d)
+    qg = q.view(b, kv_heads, group, d).transpose(0, 1).reshape(kv_heads * b, group, d)
+    scores = torch.bmm(qg, kc.transpose(1, 2)).float().mul_(d ** -0.5)
+    scores = scores.view(kv_heads, b, group, length).add_(bias.view(1, b, 1, length))
+    probs = scores.softmax(dim=-1).to(q.dtype).view(kv_heads * b, group, length)
+    o = torch.bmm(probs, vc)  # [kv_heads * B, group, D]
+    return o.view(kv_heads, b, group, d).transpose(0, 1).reshape(b, heads, d)
 
 
 def _sdpa(q, k, v, mask, causal):

@@ -70,6 +70,7 @@ class LlamaModel:
         self.embed = empty(c.vocab_size, c.hidden_size)
         self.norm = empty(c.hidden_size)
         self.lm_head = self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+        self.lm_head_plain = self.lm_head  # lm_head may be replaced by a packed copy; this stays indexable
         self.layers = [
             LayerWeights(empty(c.hidden_size), empty(qkv_rows, c.hidden_size),
                          empty(qkv_rows) if c.attention_bias else None, empty(c.hidden_size, c.q_size),
@@ -156,6 +157,17 @@ class LlamaModel:
         if use_int4:
             self._build_int4()
         self._q4_parts.clear()
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and onednn_prepack_available():
+            self._prepack()
+
+    def _prepack(self) -> None:
+        # oneDNN reorders a plain weight on every call; reordering once at load makes bfloat16
+        # matmuls ~25% faster on CPU (measured at 9 to 512 tokens). The packed tensors replace
+        # the plain ones; the embedding stays plain for lookups, with a packed copy as lm_head.
+        for layer in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, _pack(getattr(layer, name)))
+        self.lm_head = _pack(self.lm_head_plain)
 
     def _build_int4(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -202,19 +214,31 @@ class LlamaModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] rows that sample. Returns float32 logits [N, vocab]."""
         x = F.rms_norm(hidden.float(), (self.config.hidden_size,), self.norm.float(), self.config.rms_norm_eps)
-        logits = F.linear(x.to(self.dtype), self.lm_head).float()
+        logits = _linear(x.to(self.dtype), self.lm_head, None).float()
         if self.dtype != torch.float32:
             # A bfloat16 logit near 25 is rounded to 1/8: enough to tie the two best tokens. Recompute
             # the few candidates that decide greedy choice and top logprobs in float32 (~1 ms at 32 rows).
             top = logits.topk(REFINED_LOGITS, dim=-1).indices
-            exact = torch.einsum("nd,nkd->nk", x, self.lm_head[top].float())
+            exact = torch.einsum("nd,nkd->nk", x, self.lm_head_plain[top].float())
             logits.scatter_(1, top, exact)
         return logits
+
+
+def onednn_prepack_available() -> bool:
+    mkldnn = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(
+        mkldnn, "_linear_pointwise")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
 
 
 def _linear(x: torch.Tensor, dense: torch.Tensor, int4: Int4Weight | None,
             bias: torch.Tensor | None = None) -> torch.Tensor:
     if int4 is None:
+        if dense.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, dense, bias, "none", [], "")
         return F.linear(x, dense, bias)
     y = int4.matmul(x.contiguous())
     return y if bias is None else y + bias
