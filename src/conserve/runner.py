@@ -100,8 +100,9 @@ class ModelRunner:
         offsets = torch.arange(max_len, device=dev)
         slots = tables[:, offsets // bs] * bs + offsets % bs
         padding = offsets.unsqueeze(0) >= torch.tensor(lengths, device=dev).unsqueeze(1)
-        bias = torch.zeros(padding.shape, device=dev).masked_fill_(padding, float("-inf"))
-        return self.kv.rows(slots.flatten()), bias
+        bias = torch.zeros(padding.shape, dtype=self.model.dtype, device=dev).masked_fill_(padding, float("-inf"))
+        kv_heads = self.model.config.num_kv_heads
+        return self.kv.rows(slots.flatten()), bias.repeat(kv_heads, 1).unsqueeze(1)
 
     def _sampling_row(self, request: Request) -> SamplingRow:
         params = request.sampling_params

@@ -34,7 +34,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [kv_heads * T] cache rows where the new tokens' K/V go, head-major
     num_decodes: int
     decode_slots: torch.Tensor | None  # [kv_heads * B * L] cache rows of the decode contexts, padded to L
-    decode_bias: torch.Tensor | None  # [B, L] float32, 0 where attended and -inf on padding
+    decode_bias: torch.Tensor | None  # [kv_heads * B, 1, L] model dtype, 0 where attended, -inf on padding
     prefills: list[PrefillChunk]
 
 
@@ -90,18 +90,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def _decode_attention(q, k_cache, v_cache, slots, bias):
     # One query token per request. The query heads sharing a KV head form a tiny [group, D] matrix,
-    # so attention is two batched matmuls over (kv_head, request) pairs; scores softmax in float32.
+    # so attention is two batched matmuls over (kv_head, request) pairs. Softmax accumulates in
+    # float32 internally even for bfloat16 scores.
     b, heads, d = q.shape
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
-    length = bias.shape[1]
+    length = bias.shape[-1]
     kc = k_cache.view(-1, d).index_select(0, slots).view(kv_heads * b, length, d)
     vc = v_cache.view(-1, d).index_select(0, slots).view(kv_heads * b, length, d)
     qg = q.view(b, kv_heads, group, d).transpose(0, 1).reshape(kv_heads * b, group, d)
-    scores = torch.bmm(qg, kc.transpose(1, 2)).float().mul_(d ** -0.5)
-    scores = scores.view(kv_heads, b, group, length).add_(bias.view(1, b, 1, length))
-    probs = scores.softmax(dim=-1).to(q.dtype).view(kv_heads * b, group, length)
-    o = torch.bmm(probs, vc)  # [kv_heads * B, group, D]
+    scores = torch.baddbmm(bias, qg, kc.transpose(1, 2), alpha=d ** -0.5)
+    o = torch.bmm(scores.softmax(dim=-1), vc)  # [kv_heads * B, group, D]
     return o.view(kv_heads, b, group, d).transpose(0, 1).reshape(b, heads, d)
 
 
