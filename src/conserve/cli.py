@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     from conserve.server.serve import add_serve_command
 
     add_serve_command(sub, [common], add_engine_args)
+
+    from conserve.batch_client import add_batch_command
+
+    add_batch_command(sub)
     return parser
 
 

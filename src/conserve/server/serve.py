@@ -18,6 +18,8 @@ def add_serve_command(sub, parents, add_engine_args) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id reported by the API (default: file name)")
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted file upload")
+    p.add_argument("--max-batch-concurrency", type=int, default=64,
+                   help="batch lines submitted to the engine at once (keeps offline work saturated)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -29,14 +31,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from conserve.cli import engine_config
     from conserve.engine import Engine
     from conserve.server.app import build_app
+    from conserve.server.batches import BatchRunner
+    from conserve.server.files_batches_api import router as files_batches_router
     from conserve.server.metrics import Metrics
+    from conserve.server.store import Store
 
+    # Open the durable store first: a data dir already used by another server fails before the
+    # model is loaded.
+    store = Store(args.data_dir)
     engine = Engine(engine_config(args))
     engine.warmup()
     metrics = Metrics()
     async_engine = AsyncEngine(engine, on_step=metrics.on_step)
     name = args.served_model_name or engine.loaded.name
-    app = build_app(async_engine, name, metrics, api_key=args.api_key)
+    runners: list[BatchRunner] = []
+
+    def batch_routes(serving):
+        runners.append(BatchRunner(store, serving.execute, max_concurrency=args.max_batch_concurrency))
+        return [files_batches_router(store, runners[0], int(args.max_upload_mb * 2**20))]
+
+    async def startup() -> None:
+        await runners[0].start()  # resumes batches a previous server left unfinished
+
+    async def shutdown() -> None:
+        await runners[0].shutdown()
+        store.close()
+
+    app = build_app(async_engine, name, metrics, api_key=args.api_key, extra_routers=batch_routes,
+                    on_startup=startup, on_shutdown=shutdown)
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
     print(f"conserve: serving {name} on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)

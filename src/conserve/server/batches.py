@@ -1,0 +1,469 @@
+"""The batch runner: validates, executes and finalizes OpenAI batch jobs, durably.
+
+Statuses (OpenAI's):
+    validating -> in_progress -> finalizing -> completed
+    validating -> failed                                 the input file is unusable as a whole
+    validating | in_progress -> cancelling -> cancelled  POST /v1/batches/{id}/cancel
+    validating | in_progress -> expired                  completion_window passed
+
+Input lines. Every non-blank line must be a JSON object
+{"custom_id": "<non-empty string>", "method": "POST", "url": <the batch's endpoint>, "body": {...}}.
+- A broken line (bad JSON, a missing or invalid field, another url) does not stop the batch: it goes to
+  the error file and counts as failed; the other lines run. Its error line is
+  {"id": "batch_req_...", "custom_id": <or null>, "response": null, "error": {"code", "message"}},
+  the message starting with "line N:".
+- Duplicate custom_ids fail the whole batch during validation, before anything runs (OpenAI does the
+  same): results are matched to requests by custom_id, so running duplicates would make them
+  ambiguous. `errors.data` lists each duplicate with both line numbers: "line 7: custom_id 'a' was
+  already used on line 3; custom_ids must be unique within a batch".
+- An empty input (no non-blank lines) or a deleted input file also fails the batch.
+- Blank lines are skipped and not counted.
+
+Results, in input order, as OpenAI writes them:
+{"id": "batch_req_...", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}.
+2xx answers go to the output file, other answers (4xx for a bad body) to the error file. Lines the
+window cut off go to the error file with error code "batch_expired"; lines a cancel cut off are in
+neither file. Both files have purpose "batch_output"; an empty one is not created and its id is null.
+
+Durability. A finished line is committed, with request_counts, before anything counts it; lines that
+finish together share one commit (one fsync). `start()` resumes every unfinished batch: committed lines
+are kept and not executed again, the rest run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conserve.server.errors import APIError, error_body
+from conserve.server.store import Batch, LineResult, PendingFile, Store, new_id
+
+log = logging.getLogger(__name__)
+
+# Runs one line's body as a non-streaming, offline POST to the endpoint; returns (status, json body).
+Execute = Callable[[str, dict], Awaitable[tuple[int, dict]]]
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+MAX_BATCH_ERRORS = 100  # errors.data entries kept for a failed batch; the last one summarizes the rest
+_BOM = b"\xef\xbb\xbf"
+
+
+class _BadLine(Exception):
+    def __init__(self, code: str, message: str, custom_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.custom_id = code, message, custom_id
+
+
+@dataclass
+class _Validation:
+    total: int = 0
+    line_errors: list[LineResult] = field(default_factory=list)
+    batch_errors: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    batch_id: str
+    task: asyncio.Task | None = None
+    lines: set[asyncio.Task] = field(default_factory=set)
+    stop: str | None = None  # "cancel" or "expire": start no more lines, cut the running ones off
+    timer: asyncio.TimerHandle | None = None
+
+
+class BatchRunner:
+    """Runs batches against `execute`, at most `max_concurrency` lines at once over all batches (enough
+    to keep the engine's offline queue full). `window_s` overrides the 24h completion window (tests)."""
+
+    def __init__(self, store: Store, execute: Execute, max_concurrency: int = 64,
+                 window_s: float | None = None) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.store = store
+        self._execute = execute
+        self._window_s = window_s
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._committer = _GroupCommitter(store)
+        self._jobs: dict[str, _Job] = {}
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resume every batch the last server left unfinished (call once the event loop runs)."""
+        self._committer.start()
+        for batch in self.store.unfinished_batches():
+            log.info("resuming batch %s (%s)", batch.id, batch.status)
+            self._spawn(batch)
+
+    async def shutdown(self) -> None:
+        """Stop all work without changing any status: the next start() resumes it."""
+        self._closed = True
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.timer is not None:
+                job.timer.cancel()
+            if job.task is not None:
+                job.task.cancel()
+        await asyncio.gather(*(j.task for j in jobs if j.task is not None), return_exceptions=True)
+        await self._committer.close()
+
+    # -- API operations ----------------------------------------------------------------------------
+    async def create(self, input_file_id: str, endpoint: str, completion_window: str = "24h",
+                     metadata: dict[str, str] | None = None) -> Batch:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
+            raise APIError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}", "endpoint")
+        if completion_window not in COMPLETION_WINDOWS:
+            raise APIError(400, f"completion_window must be '24h'; got {completion_window!r}",
+                           "completion_window")
+        _check_metadata(metadata)
+        if not isinstance(input_file_id, str):
+            raise APIError(400, "input_file_id must be a string", "input_file_id")
+        file = self.store.get_file(input_file_id)
+        if file is None:
+            raise APIError(404, f"No such file: {input_file_id}", "input_file_id", "file_not_found")
+        if file.purpose != "batch":
+            raise APIError(400, f"file {input_file_id} has purpose {file.purpose!r}; a batch input file must "
+                           "be uploaded with purpose 'batch'", "input_file_id")
+        if self._closed:
+            raise APIError(503, "the server is shutting down")
+        now = int(time.time())
+        window = self._window_s if self._window_s is not None else COMPLETION_WINDOWS[completion_window]
+        batch = Batch(id=new_id("batch_"), endpoint=endpoint, input_file_id=input_file_id,
+                      completion_window=completion_window, status="validating", created_at=now,
+                      expires_at=now + math.ceil(window), metadata=metadata)
+        await asyncio.to_thread(self.store.create_batch, batch)
+        self._spawn(batch)
+        return batch
+
+    async def cancel(self, batch_id: str) -> Batch:
+        batch = self.store.get_batch(batch_id)
+        if batch is None:
+            raise APIError(404, f"No such batch: {batch_id}", "batch_id", "batch_not_found")
+        if batch.status == "cancelling":
+            return batch
+        # Persist "cancelling" first: a crash right after this reply still ends in "cancelled".
+        batch = await asyncio.to_thread(self.store.update_batch, batch_id, if_status=("validating", "in_progress"),
+                                        status="cancelling", cancelling_at=int(time.time()))
+        if batch.status != "cancelling":
+            raise APIError(409, f"batch {batch_id} is {batch.status} and can no longer be cancelled",
+                           code="batch_not_cancellable")
+        job = self._jobs.get(batch_id)
+        if job is not None:
+            self._stop(job, "cancel")
+        elif not self._closed:
+            self._spawn(batch)  # not running (only before start()): finalize it as cancelled
+        return batch
+
+    # -- one batch ---------------------------------------------------------------------------------
+    def _spawn(self, batch: Batch) -> None:
+        job = _Job(batch.id)
+        self._jobs[batch.id] = job
+        if batch.status in ("validating", "in_progress"):
+            delay = batch.expires_at - time.time()
+            if delay <= 0:
+                job.stop = "expire"
+            else:
+                job.timer = asyncio.get_running_loop().call_later(delay, self._stop, job, "expire")
+        job.task = asyncio.create_task(self._drive(job), name=f"batch {batch.id}")
+
+    def _stop(self, job: _Job, reason: str) -> None:
+        if job.stop is None:
+            job.stop = reason
+            for task in list(job.lines):
+                task.cancel()
+
+    async def _drive(self, job: _Job) -> None:
+        try:
+            batch = self._batch(job.batch_id)
+            if batch.status == "validating":
+                batch = await self._validate(batch)
+            if batch.status == "in_progress" and job.stop is None:
+                await self._run_lines(job, batch)
+            if batch.status != "failed":
+                await self._committer.flush()  # lines cut off mid-commit are in before the files are written
+                await self._finalize(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("batch %s failed", job.batch_id)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.finish_batch, job.batch_id, (), status="failed",
+                                        failed_at=int(time.time()),
+                                        errors=[_batch_error("internal_error", f"{type(e).__name__}: {e}")])
+        finally:
+            if job.timer is not None:
+                job.timer.cancel()
+            if self._jobs.get(job.batch_id) is job:
+                del self._jobs[job.batch_id]
+
+    def _batch(self, batch_id: str) -> Batch:
+        batch = self.store.get_batch(batch_id)
+        if batch is None:
+            raise KeyError(batch_id)
+        return batch
+
+    async def _validate(self, batch: Batch) -> Batch:
+        path = self.store.file_path(batch.input_file_id)
+        try:
+            found = await asyncio.to_thread(_validate_file, path, batch.id, batch.endpoint)
+        except FileNotFoundError:
+            found = _Validation(batch_errors=[_batch_error(
+                "file_not_found", f"the input file {batch.input_file_id} was deleted", "input_file_id")])
+        now = int(time.time())
+        if found.batch_errors or found.total == 0:
+            errors = found.batch_errors or [_batch_error("empty_file", "the input file has no request lines",
+                                                         "input_file_id")]
+            return await asyncio.to_thread(self.store.update_batch, batch.id, if_status=("validating",),
+                                           status="failed", failed_at=now, errors=errors)
+        # Broken lines are finished lines: commit them with the total, then move on (a crash in between
+        # re-validates, and re-adding a line is a no-op). A cancel meanwhile keeps "cancelling".
+        await asyncio.to_thread(self.store.update_batch, batch.id, results=found.line_errors, total=found.total)
+        return await asyncio.to_thread(self.store.update_batch, batch.id, if_status=("validating",),
+                                       status="in_progress", in_progress_at=now)
+
+    async def _run_lines(self, job: _Job, batch: Batch) -> None:
+        done = self.store.finished_lines(batch.id)
+        try:
+            f = open(self.store.file_path(batch.input_file_id), "rb")
+        except FileNotFoundError:
+            raise RuntimeError(f"the input file {batch.input_file_id} was deleted before the batch finished")
+        try:
+            with f:
+                for line_no, raw in enumerate(f, 1):
+                    if job.stop is not None:
+                        break
+                    if line_no in done or not raw.strip():
+                        continue
+                    await self._slots.acquire()
+                    if job.stop is not None:
+                        self._slots.release()
+                        break
+                    task = asyncio.create_task(self._run_line(batch, line_no, raw))
+                    job.lines.add(task)
+                    task.add_done_callback(job.lines.discard)
+            outcomes = await asyncio.gather(*job.lines, return_exceptions=True)
+        except BaseException:  # shutdown: cut the running lines off; they resume on the next start
+            for task in job.lines:
+                task.cancel()
+            await asyncio.gather(*job.lines, return_exceptions=True)
+            raise
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):  # a commit failed: the batch cannot be trusted to finish
+                raise outcome
+
+    async def _run_line(self, batch: Batch, line_no: int, raw: bytes) -> None:
+        try:
+            try:
+                custom_id, body = parse_line(raw, batch.endpoint)  # parsed again: memory stays flat
+            except _BadLine as e:
+                row = LineResult(batch.id, line_no, False, _error_doc(e.custom_id, e.code, f"line {line_no}: {e}"))
+            else:
+                try:
+                    status, answer = await self._execute(batch.endpoint, body)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a bug behind execute: fail this line, keep the batch going
+                    log.exception("batch %s line %d", batch.id, line_no)
+                    status, answer = 500, error_body(500, f"internal error: {type(e).__name__}")
+                row = LineResult(batch.id, line_no, 200 <= status < 300, _response_doc(custom_id, status, answer))
+            # Shielded: a line that finished is committed even if a cancel arrives meanwhile.
+            await asyncio.shield(self._committer.put(row))
+        finally:
+            self._slots.release()
+
+    async def _finalize(self, job: _Job) -> None:
+        batch = self._batch(job.batch_id)
+        final = stamp = None
+        if batch.status == "cancelling" or job.stop == "cancel":
+            final, stamp = "cancelled", "cancelled_at"
+        elif job.stop == "expire" and batch.status != "finalizing":
+            done = self.store.finished_lines(batch.id)
+            late = await asyncio.to_thread(_expired_lines, self.store.file_path(batch.input_file_id), batch, done)
+            if late:
+                await asyncio.to_thread(self.store.update_batch, batch.id, results=late)
+                final, stamp = "expired", "expired_at"
+        if final is None:
+            batch = await asyncio.to_thread(self.store.update_batch, batch.id, if_status=("in_progress",),
+                                            status="finalizing", finalizing_at=int(time.time()))
+            final, stamp = (("cancelled", "cancelled_at") if batch.status == "cancelling"
+                            else ("completed", "completed_at"))
+        await asyncio.to_thread(self._write_results, batch.id, final, stamp)
+
+    def _write_results(self, batch_id: str, status: str, stamp: str) -> Batch:
+        """Write the output and error files, then register them and the final status in one commit."""
+        files: list[tuple[PendingFile, str]] = []
+        ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
+        try:
+            for ok, key, suffix in ((True, "output_file_id", "output"), (False, "error_file_id", "error")):
+                pending: PendingFile | None = None
+                for doc in self.store.result_docs(batch_id, ok):
+                    if pending is None:
+                        pending = self.store.new_file()
+                        files.append((pending, f"{batch_id}_{suffix}.jsonl"))
+                    pending.write(doc.encode() + b"\n")
+                if pending is not None:
+                    pending.seal()
+                    ids[key] = pending.id
+            return self.store.finish_batch(batch_id, files, status=status, **{stamp: int(time.time())}, **ids)
+        except BaseException:
+            for pending, _ in files:
+                pending.discard()
+            raise
+
+
+class _GroupCommitter:
+    """Commits finished lines in groups: everything that finished while the previous commit was
+    fsyncing goes in the next one, so 64 concurrent lines do not queue for 64 fsyncs."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._rows: list[LineResult] = []
+        self._waiters: list[asyncio.Future] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batch result commits")
+
+    def put(self, row: LineResult) -> asyncio.Future:
+        """Queue a row; the future resolves once it is committed."""
+        if self._task is None:
+            self.start()
+        fut = asyncio.get_running_loop().create_future()
+        self._rows.append(row)
+        self._waiters.append(fut)
+        self._wake.set()
+        return fut
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        if self._task is None:
+            self.start()
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._wake.set()
+        await fut
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            rows, waiters = self._rows, self._waiters
+            self._rows, self._waiters = [], []
+            error: Exception | None = None
+            if rows:
+                try:
+                    await asyncio.to_thread(self._store.add_results, rows)
+                except Exception as e:
+                    log.exception("committing %d batch results failed", len(rows))
+                    error = e
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(error) if error is not None else fut.set_result(None)
+
+
+# -- lines -----------------------------------------------------------------------------------------
+def parse_line(raw: bytes, endpoint: str) -> tuple[str, dict]:
+    """One input line -> (custom_id, body); raises _BadLine saying what is wrong."""
+    try:
+        obj = json.loads(raw.removeprefix(_BOM))
+    except ValueError as e:
+        raise _BadLine("invalid_json", f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise _BadLine("invalid_request", "a request line must be a JSON object")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _BadLine("invalid_custom_id", "custom_id must be a non-empty string")
+    if obj.get("method") != "POST":
+        raise _BadLine("invalid_method", f"method must be 'POST'; got {obj.get('method')!r}", custom_id)
+    if obj.get("url") != endpoint:
+        raise _BadLine("invalid_url", f"url {obj.get('url')!r} is not the batch's endpoint {endpoint!r}",
+                       custom_id)
+    if not isinstance(obj.get("body"), dict):
+        raise _BadLine("invalid_body", "body must be a JSON object", custom_id)
+    return custom_id, obj["body"]
+
+
+def _validate_file(path: Path, batch_id: str, endpoint: str) -> _Validation:
+    found = _Validation()
+    first_seen: dict[str, int] = {}
+    duplicates = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            found.total += 1
+            try:
+                custom_id: str | None = parse_line(raw, endpoint)[0]
+            except _BadLine as e:
+                custom_id = e.custom_id
+                found.line_errors.append(LineResult(batch_id, line_no, False,
+                                                    _error_doc(custom_id, e.code, f"line {line_no}: {e}")))
+            if custom_id is None:
+                continue
+            first = first_seen.setdefault(custom_id, line_no)
+            if first != line_no:
+                duplicates += 1
+                if duplicates < MAX_BATCH_ERRORS:
+                    found.batch_errors.append(_batch_error(
+                        "duplicate_custom_id", f"line {line_no}: custom_id {custom_id!r} was already used on "
+                        f"line {first}; custom_ids must be unique within a batch", "custom_id", line_no))
+    if duplicates >= MAX_BATCH_ERRORS:
+        found.batch_errors.append(_batch_error(
+            "duplicate_custom_id", f"{duplicates - len(found.batch_errors)} more duplicate custom_ids",
+            "custom_id"))
+    return found
+
+
+def _expired_lines(path: Path, batch: Batch, done: set[int]) -> list[LineResult]:
+    """Error rows for the lines the completion window cut off."""
+    late = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no in done or not raw.strip():
+                continue
+            with contextlib.suppress(_BadLine):
+                custom_id = parse_line(raw, batch.endpoint)[0]
+                late.append(LineResult(batch.id, line_no, False, _error_doc(
+                    custom_id, "batch_expired", "This request could not be executed before the completion "
+                    "window expired.")))
+    return late
+
+
+def _response_doc(custom_id: str, status: int, body: dict) -> str:
+    return json.dumps({"id": new_id("batch_req_"), "custom_id": custom_id,
+                       "response": {"status_code": status, "request_id": new_id("req_"), "body": body},
+                       "error": None})
+
+
+def _error_doc(custom_id: str | None, code: str, message: str) -> str:
+    return json.dumps({"id": new_id("batch_req_"), "custom_id": custom_id, "response": None,
+                       "error": {"code": code, "message": message}})
+
+
+def _batch_error(code: str, message: str, param: str | None = None, line: int | None = None) -> dict:
+    return {"code": code, "message": message, "param": param, "line": line}
+
+
+def _check_metadata(metadata: object) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > 16:
+        raise APIError(400, "metadata must be an object of at most 16 key-value pairs", "metadata")
+    for key, value in metadata.items():
+        if not isinstance(value, str) or len(key) > 64 or len(value) > 512:
+            raise APIError(400, "metadata keys must be strings of at most 64 characters and values strings "
+                           "of at most 512 characters", "metadata")
