@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -25,14 +26,14 @@ log = logging.getLogger(__name__)
 def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: str | None = None,
               extra_routers: Callable[[OpenAIServing], list] | None = None, on_startup=None,
               on_shutdown=None) -> FastAPI:
-    """extra_routers: given the serving object (whose `execute` runs one request offline), returns
-    more routers to mount (the Files and Batches API)."""
+    """engine: already started (AsyncEngine.start). extra_routers: given the serving object (whose
+    `execute` runs one request offline), returns more routers to mount (the Files and Batches API)."""
     serving = OpenAIServing(engine, model_name, metrics)
     started = time.time()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        engine.attach_loop(asyncio.get_running_loop())
         if on_startup is not None:
             await on_startup()
         try:

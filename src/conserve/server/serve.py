@@ -39,10 +39,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Open the durable store first: a data dir already used by another server fails before the
     # model is loaded.
     store = Store(args.data_dir)
-    engine = Engine(engine_config(args))
-    engine.warmup()
+    config = engine_config(args)
+
+    def make_engine() -> Engine:
+        engine = Engine(config)
+        engine.warmup()
+        return engine
+
     metrics = Metrics()
-    async_engine = AsyncEngine(engine, on_step=metrics.on_step)
+    async_engine = AsyncEngine(make_engine, on_step=metrics.on_step)
+    engine = async_engine.start()
     name = args.served_model_name or engine.loaded.name
     runners: list[BatchRunner] = []
 
