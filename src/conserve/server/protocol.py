@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -149,5 +149,3 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]
         return list(p)
 
-
-StreamLiteral = Literal["chat.completion.chunk", "text_completion"]
