@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(sub, [common], add_engine_args)
 
+    from conserve.profile_cli import add_profile_command
+
+    add_profile_command(sub, [common], add_engine_args)
+
     from conserve.batch_client import add_batch_command
 
     add_batch_command(sub)
