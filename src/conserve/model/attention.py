@@ -105,9 +105,12 @@ def _decode_attention(q, k_cache, v_cache, slots, bias):
 
 
 def _sdpa(q, k, v, mask, causal):
-    if q.shape[0] != k.shape[0]:
+    # q: [heads, q, D]; k, v: [kv_heads, ctx, D]. A leading batch dimension of 1 lets the CPU flash
+    # kernel split work over heads (measured ~2x faster than the same call on 3-D inputs).
+    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    if q.shape[1] != k.shape[1]:
         if _HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        rep = q.shape[0] // k.shape[0]
-        k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)[0]
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)[0]
