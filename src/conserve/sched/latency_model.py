@@ -1,7 +1,10 @@
 """A fitted model of one iteration's time, T(P, C). Pure Python at prediction time: no torch.
 
 P is the number of tokens the iteration processes (prefill-chunk plus decode tokens), C the total KV
-context its attention reads. The fit is least squares over a few features (a fixed cost, P, C, P²,
+context its attention reads: the sum over scheduled requests of their context length after the step.
+(Counting each token's reads instead, so that a prefill chunk counts P times its context, was tried:
+decode and prefill attention cost so differently per read on CPU that the held-out median error
+rose from 6% to 20%; the P*C feature carries prefill-with-context well enough.) The fit is least squares over a few features (a fixed cost, P, C, P²,
 P·C): enough to follow the matmul knee at small P and attention's growth with C, small enough to fit
 from a coarse profiling grid. The co-serving scheduler asks it "how long would this batch take?".
 """
