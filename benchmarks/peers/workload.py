@@ -125,6 +125,21 @@ def batch_result(requests: int, prompt_tokens: int, gen_tokens: int, seconds: fl
     }
 
 
+def timed_batch(chat, convs: list, label: str) -> dict:
+    """Warm up, then time one batched call. chat(convs, warm) returns vLLM-shaped outputs
+    (.prompt_token_ids, .outputs[0].token_ids), which conserve's LLM shares."""
+    chat(convs, True)
+    log(f"{label}: batch run")
+    t0 = time.perf_counter()
+    outs = chat(convs, False)
+    seconds = time.perf_counter() - t0
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    result = batch_result(len(outs), prompt, generated, seconds)
+    log(f"{label}: batch {result}")
+    return result
+
+
 def stream_result(n_tokens: int, seconds: float, first_token_s: float | None = None) -> dict:
     """Wall tok/s counts the prefill; decode tok/s (when the first token time is seen) does not."""
     out = {"generated_tokens": n_tokens, "seconds": round(seconds, 4),

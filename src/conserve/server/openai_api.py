@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from conserve.async_engine import AsyncEngine, EngineDeadError
@@ -18,7 +18,7 @@ from conserve.errors import RequestError
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.request import RequestClass
 from conserve.sampling_params import SamplingParams
-from conserve.server.errors import APIError, error_body
+from conserve.server.errors import APIError, error_body, validation_message
 from conserve.server.metrics import Metrics
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -75,7 +75,7 @@ class OpenAIServing:
                 return 200, self._completion_response(jobs, await self._collect(jobs, None), req.echo)
             return 400, error_body(400, f"unsupported endpoint {endpoint!r}")
         except ValidationError as e:
-            return 400, error_body(400, validation_message(e))
+            return 400, error_body(400, validation_message(e.errors()))
         except APIError as e:
             return e.status, error_body(e.status, e.message, e.param, e.code)
 
@@ -292,14 +292,3 @@ class OpenAIServing:
                 "logprobs": self._completion_logprobs(new_lps, chars) if new_lps else None,
                 "finish_reason": o.finish_reason}
 
-
-def validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return "; ".join(parts) or "invalid request"
-
-
-def json_error(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
