@@ -28,8 +28,16 @@ def llm_fp32():
     from conserve import LLM
 
     default_gguf()
-    # A small token budget makes ordinary prompts span several prefill chunks.
-    return LLM(dtype="float32", max_num_batched_tokens=48, kv_cache_gb=0.25)
+    # A small fixed token budget makes ordinary prompts span several prefill chunks.
+    return LLM(dtype="float32", max_num_batched_tokens=48, kv_cache_gb=0.25, scheduler="fcfs")
+
+
+def rough_latency_model():
+    """A latency model with this machine's order of magnitude (a bf16 fit of the default model), for
+    tests where the schedule matters but exact timings do not: no profiling in the test."""
+    from conserve.sched.latency_model import LatencyModel
+
+    return LatencyModel([0.015, 7.6e-4, 0.0, 2.5e-6, 4.6e-7, 2.0e-8])
 
 
 @pytest.fixture(scope="session")

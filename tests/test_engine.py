@@ -135,9 +135,9 @@ def test_abort_frees_everything(llm_fp32):
 def test_small_kv_cache_forces_preemption_and_outputs_stay_exact():
     from conserve import LLM
 
-    big = LLM(dtype="float32", kv_cache_gb=0.25)
+    big = LLM(dtype="float32", kv_cache_gb=0.25, scheduler="fcfs")
     # 12 blocks of 16 tokens: eight 20-token prompts growing by 24 cannot all stay resident.
-    small = LLM(dtype="float32", num_kv_blocks=12, max_num_batched_tokens=64)
+    small = LLM(dtype="float32", num_kv_blocks=12, max_num_batched_tokens=64, scheduler="fcfs")
     prompts = [{"prompt_token_ids": [1, 4093, 198] + [300 + 13 * i + j for j in range(17)]} for i in range(8)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     expect = [o.outputs[0].token_ids for o in big.generate(prompts, params, use_tqdm=False)]

@@ -52,7 +52,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_logits_and_greedy_tokens_match_transformers(checkpoint):
     folder, ref_model = checkpoint
-    llm = LLM(model=str(folder), dtype="float32", max_num_batched_tokens=16, num_kv_blocks=64)
+    llm = LLM(model=str(folder), dtype="float32", max_num_batched_tokens=16, num_kv_blocks=64, scheduler="fcfs")
     prompts = [[1, 5, 9, 33, 17, 4, 80, 2, 45, 61, 7, 7, 12, 90, 3, 3, 44, 20, 21, 22, 23], [1, 70, 71]]
     seen = []
     model = llm.engine.runner.model

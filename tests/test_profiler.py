@@ -8,6 +8,7 @@ from test_hf_models import COMMON, write_tokenizer  # noqa: E402
 
 from conserve.engine import Engine  # noqa: E402
 from conserve.profiler import grid, profile  # noqa: E402
+from conserve.sched.latency_model import decode_batch  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -19,7 +20,8 @@ def test_profile_measures_the_grid_and_fits(tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**COMMON, "max_position_embeddings": 4096}), dtype=torch.float32)
     model.save_pretrained(tmp_path, safe_serialization=True)
     write_tokenizer(tmp_path)
-    engine = Engine(model=str(tmp_path), dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=256)
+    engine = Engine(model=str(tmp_path), dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=256,
+                    scheduler="fcfs")
     seen = []
     latency, report = profile(engine, quick=True, progress=lambda done, total: seen.append((done, total)))
     points = grid(256, engine.max_model_len, quick=True)
@@ -27,6 +29,6 @@ def test_profile_measures_the_grid_and_fits(tmp_path):
     assert 10 <= report["points"] <= len(points)  # points that do not fit the KV cache are skipped
     assert all(s["ms"] > 0 for s in report["samples"])
     assert 0 <= report["median_abs_rel_error"] <= report["max_abs_rel_error"]
-    assert latency.predict(1, 64) > 0
+    assert latency.predict(decode_batch(1, 64)) > 0
     # The profiler leaves no blocks behind.
     assert engine.kv_manager.num_free_blocks == 1024

@@ -1,16 +1,19 @@
-"""Scheduler behaviour driven by a fake runner: no model, no torch, milliseconds."""
+"""Continuous batching basics (fcfs and priority policies) driven by a fake runner: no torch, milliseconds."""
 
 from conserve.kv.kv_manager import KVCacheManager
 from conserve.request import Request, RequestStatus
 from conserve.sampling_params import SamplingParams
-from conserve.sched.scheduler import Scheduler, SchedulerConfig
+from conserve.sched.config import SchedulerConfig
+from conserve.sched.output import SchedulerOutput
+from conserve.sched.scheduler import Scheduler
 
 EOS = 0
 
 
-def make(budget=64, blocks=64, block_size=4, max_seqs=16):
+def make(budget=64, blocks=64, block_size=4, max_seqs=16, policy="fcfs"):
     kv = KVCacheManager(blocks, block_size)
-    return Scheduler(SchedulerConfig(budget, max_seqs, 4096), kv), kv
+    config = SchedulerConfig(policy=policy, max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=4096)
+    return Scheduler(config, kv), kv
 
 
 def req(rid, prompt_len, max_tokens=4, **kw):
@@ -135,7 +138,7 @@ def test_recompute_after_preemption_schedules_whole_sequence_again():
     run_step(sched)
     run_step(sched)
     assert a.num_computed_tokens == 7 and a.num_tokens == 8
-    sched._preempt(a)
+    sched._preempt(a, SchedulerOutput())
     out = sched.schedule()
     assert [(s.request.request_id, s.num_new_tokens, s.samples) for s in out.scheduled] == [("a", 8, True)]
 
@@ -143,7 +146,7 @@ def test_recompute_after_preemption_schedules_whole_sequence_again():
 def test_online_requests_wait_ahead_of_offline_ones():
     from conserve.request import RequestClass
 
-    sched, _ = make(max_seqs=1)
+    sched, _ = make(max_seqs=1, policy="priority")
     offline = [Request(f"off{i}", [1, 2], SamplingParams(max_tokens=1), request_class=RequestClass.OFFLINE)
                for i in range(2)]
     for r in offline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from conserve.errors import ConserveError
 
@@ -26,6 +27,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per iteration")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    s = p.add_argument_group("scheduling")
+    s.add_argument("--scheduler", default="conserve", choices=["conserve", "fcfs", "priority", "sarathi"],
+                   help="conserve: latency-aware co-serving (online first, offline fills each iteration up "
+                        "to the TBT objective); fcfs: one queue, no request classes; priority: online "
+                        "before offline, preemption only when KV memory runs out; sarathi: priority with "
+                        "a fixed per-iteration token budget (--token-budget)")
+    s.add_argument("--slo-ttft-ms", type=float, default=1000.0,
+                   help="time-to-first-token objective for online requests")
+    s.add_argument("--slo-tbt-ms", type=float, default=100.0,
+                   help="time-between-tokens objective for online requests: iterations with online work "
+                        "are planned to stay under it")
+    s.add_argument("--token-budget", type=int, default=256, help="tokens per iteration for --scheduler sarathi")
+    s.add_argument("--max-iteration-ms", type=float, default=500.0,
+                   help="longest iteration the conserve scheduler plans when no online request runs")
+    s.add_argument("--latency-model", default=None,
+                   help="latency model JSON from `conserve profile` (default: the cached fit for this "
+                        "model, dtype, device and thread count; profiled on first start if missing)")
+    s.add_argument("--latency-cache-dir", default=str(Path.home() / ".cache/conserve/latency"),
+                   help="where fitted latency models are cached")
 
 
 def engine_config(args: argparse.Namespace):
@@ -35,7 +55,10 @@ def engine_config(args: argparse.Namespace):
                         max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                         num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        seed=getattr(args, "seed", None) or 0, int4=args.int4)
+                        seed=getattr(args, "seed", None) or 0, int4=args.int4, scheduler=args.scheduler,
+                        slo_ttft_ms=args.slo_ttft_ms, slo_tbt_ms=args.slo_tbt_ms, token_budget=args.token_budget,
+                        max_iteration_ms=args.max_iteration_ms, latency_model=args.latency_model,
+                        latency_cache_dir=args.latency_cache_dir)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

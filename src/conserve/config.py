@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from conserve.sched.config import SchedulerConfig
 
 
 @dataclass
@@ -18,6 +21,14 @@ class EngineConfig:
     max_num_seqs: int = 256
     seed: int = 0
     int4: str = "auto"  # "auto": int4 kernels for GGUF Q4 weights at small batches (bf16 CPU); "off"
+    # Scheduling (see sched/config.py for what each policy does).
+    scheduler: str = "conserve"
+    slo_ttft_ms: float = 1000.0
+    slo_tbt_ms: float = 100.0
+    token_budget: int = 256  # sarathi's fixed per-iteration budget
+    max_iteration_ms: float = 500.0  # longest iteration without online work
+    latency_model: str | None = None  # a `conserve profile` JSON; None: the cache, else profile now
+    latency_cache_dir: str = str(Path.home() / ".cache/conserve/latency")
 
     def __post_init__(self) -> None:
         if self.kv_cache_gb <= 0:
@@ -32,3 +43,10 @@ class EngineConfig:
             raise ValueError(f"int4 must be auto or off, got {self.int4!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self.scheduler_config(8192)  # validates the scheduling fields
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        return SchedulerConfig(policy=self.scheduler, max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_num_seqs=self.max_num_seqs, max_model_len=max_model_len,
+                               token_budget=self.token_budget, slo_ttft_s=self.slo_ttft_ms / 1000,
+                               slo_tbt_s=self.slo_tbt_ms / 1000, max_iteration_s=self.max_iteration_ms / 1000)

@@ -6,6 +6,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,8 @@ from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.request import Request, RequestClass, RequestStatus
 from conserve.runner import ModelRunner
 from conserve.sampling_params import SamplingParams
-from conserve.sched.scheduler import Scheduler, SchedulerConfig
+from conserve.sched.latency_model import LatencyModel
+from conserve.sched.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ class _Parent:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+    def __init__(self, config: EngineConfig | None = None, latency_model: LatencyModel | None = None,
+                 **kwargs) -> None:
         self.config = config = config or EngineConfig(**kwargs)
         tune_malloc()
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.int4)
@@ -65,15 +68,36 @@ class Engine:
         self.kv_cache = KVCache(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
                                 loaded.model.dtype, loaded.model.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
-            self.kv_manager)
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed)
+        if latency_model is None and config.scheduler == "conserve":
+            latency_model = self._load_or_profile_latency_model()
+        self.latency_model = latency_model
+        self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.kv_manager, latency_model)
         self._tracked: dict[str, _Tracked] = {}
         self._parents: dict[str, _Parent] = {}
         self._ids = itertools.count()
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                  num_blocks * per_block / 2**30)
+
+    def _load_or_profile_latency_model(self) -> LatencyModel:
+        """The configured latency model, else the cached fit for this model/dtype/device/threads, else
+        a quick profile now (cached for next time)."""
+        from conserve.profiler import cache_path, profile
+
+        if self.config.latency_model:
+            return LatencyModel.load(Path(self.config.latency_model))
+        path = cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,
+                          self.config.device)
+        if path.exists():
+            try:
+                return LatencyModel.load(path)
+            except ValueError as e:
+                log.warning("ignoring the cached latency model: %s", e)
+        log.warning("no latency model cached at %s: profiling this machine (once, about a minute)", path)
+        model, report = profile(self, quick=True)
+        log.warning("latency model fitted: held-out median error %.1f%%", 100 * report["median_abs_rel_error"])
+        model.save(path)
+        return model
 
     # -- requests ------------------------------------------------------------------------------
     def next_request_id(self) -> str:
@@ -139,7 +163,10 @@ class Engine:
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
+        started = time.perf_counter()
         result = self.runner.execute(sched_out)
+        if self.latency_model is not None:
+            self.latency_model.observe(sched_out.shape, time.perf_counter() - started)
         finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
         now = time.monotonic()
         touched: dict[str, None] = {}

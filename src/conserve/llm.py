@@ -13,6 +13,7 @@ from conserve.errors import RequestError
 from conserve.outputs import RequestOutput
 from conserve.request import RequestClass
 from conserve.sampling_params import SamplingParams
+from conserve.sched.latency_model import LatencyModel
 
 Prompt = str | dict[str, Any]
 Message = dict[str, Any]
@@ -20,7 +21,9 @@ Message = dict[str, Any]
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", **kwargs: Any) -> None:
-        self.engine = Engine(EngineConfig(model=model, dtype=dtype, **kwargs))
+        # latency_model may be a fitted LatencyModel (handed to the scheduler) or a JSON path (config).
+        fitted = kwargs.pop("latency_model") if isinstance(kwargs.get("latency_model"), LatencyModel) else None
+        self.engine = Engine(EngineConfig(model=model, dtype=dtype, **kwargs), latency_model=fitted)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -7,20 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-
-def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str) -> Path:
-    """One fit per model, dtype, device and thread count: each changes the timings."""
-    name = f"{model_name}-{str(dtype).removeprefix('torch.')}-{device}-{torch.get_num_threads()}t.json"
-    return cache_dir / name
-
 
 def add_profile_command(sub, parents, add_engine_args) -> None:
     p = sub.add_parser("profile", parents=parents,
                        help="time the model over a (P, C) grid and fit the latency model T(P, C)")
     p.add_argument("--quick", action="store_true", help="a coarser grid (about a minute on 2 cores)")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache/conserve/latency"))
     p.add_argument("--output", default=None, help="also write the full report (samples, errors) as JSON")
     add_engine_args(p)
     p.set_defaults(func=cmd_profile)
@@ -29,9 +20,11 @@ def add_profile_command(sub, parents, add_engine_args) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     from conserve.cli import engine_config
     from conserve.engine import Engine
-    from conserve.profiler import profile
+    from conserve.profiler import cache_path, profile
 
-    engine = Engine(engine_config(args))
+    config = engine_config(args)
+    config.scheduler = "fcfs"  # profiling drives the runner directly: no latency model needed to start
+    engine = Engine(config)
 
     def progress(done: int, total: int) -> None:
         sys.stderr.write(f"\rprofiling {done}/{total}")
@@ -39,12 +32,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     model, report = profile(engine, quick=args.quick, progress=progress)
     sys.stderr.write("\n")
-    path = cache_path(Path(args.cache_dir), engine.loaded.name, engine.loaded.model.dtype, args.device)
+    path = cache_path(Path(args.latency_cache_dir), engine.loaded.name, engine.loaded.model.dtype, args.device)
     model.save(path)
-    print("| P | C | measured ms | predicted ms |")
-    print("|---|---|---|---|")
+    print("| P (tokens) | D (decode reads) | R (prefill reads) | measured ms | predicted ms |")
+    print("|---|---|---|---|---|")
     for s in report["samples"]:
-        print(f"| {s['P']} | {s['C']} | {s['ms']:.2f} | {model.predict(s['P'], s['C']) * 1000:.2f} |")
+        print(f"| {s['P']} | {s['D']} | {s['R']} | {s['ms']:.2f} | {s['predicted_ms']:.2f} |")
     print(f"\nheld-out points: {report['held_out']}, median |relative error| "
           f"{report['median_abs_rel_error']:.1%}, max {report['max_abs_rel_error']:.1%}")
     print(f"latency model written to {path}")

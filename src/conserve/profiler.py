@@ -1,4 +1,4 @@
-"""Time the real runner over a grid of iteration shapes and fit the latency model T(P, C).
+"""Time the real runner over a grid of iteration shapes and fit the latency model.
 
 It runs the model, so it lives beside the runner, not in sched/. Each grid point builds synthetic
 requests whose KV blocks are allocated but hold whatever the cache held before (timing does not
@@ -11,6 +11,10 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from conserve.engine import Engine
 from conserve.request import Request
@@ -20,27 +24,44 @@ from conserve.sched.output import ScheduledRequest, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
-# Decode batches (P requests of one token each) and prefill chunks (one request, P new tokens).
+
+def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str) -> Path:
+    """One fit per model, dtype, device and thread count: each changes the timings."""
+    name = f"{model_name}-{str(dtype).removeprefix('torch.')}-{device}-{torch.get_num_threads()}t.json"
+    return cache_dir / name
+
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 PREFILL_CHUNKS = (16, 64, 256, 512, 1024)
 CONTEXTS = (64, 512, 2048)  # context per decode request / prior context of a prefill chunk
+# Co-serving iterations mix decodes with a prefill chunk: a few such points check additivity.
+MIXED = ((4, 64), (16, 256), (32, 64))  # (decodes at 512 context, chunk tokens after 512)
 
 
-def grid(max_tokens: int, max_context: int, quick: bool = False) -> list[tuple[str, int, int]]:
-    """(kind, tokens, context-per-request) points that fit the engine's budget and context."""
+@dataclass(frozen=True)
+class Point:
+    decodes: int = 0
+    decode_context: int = 0  # tokens already in each decode's KV
+    chunk: int = 0  # prefill chunk tokens (0: none)
+    chunk_context: int = 0  # tokens already computed before the chunk
+
+
+def grid(max_tokens: int, max_context: int, quick: bool = False) -> list[Point]:
+    """Points that fit the engine's token budget and context length."""
     decodes = DECODE_BATCHES[::2] if quick else DECODE_BATCHES
     chunks = PREFILL_CHUNKS[::2] if quick else PREFILL_CHUNKS
-    points = [("decode", b, c) for b in decodes for c in CONTEXTS if b <= max_tokens and c < max_context]
-    points += [("prefill", n, c) for n in chunks for c in (0, *CONTEXTS) if n <= max_tokens and c + n < max_context]
+    points = [Point(b, c) for b in decodes for c in CONTEXTS if b <= max_tokens and c < max_context]
+    points += [Point(chunk=n, chunk_context=c) for n in chunks for c in (0, *CONTEXTS)
+               if n <= max_tokens and c + n < max_context]
+    points += [Point(b, 512, n, 512) for b, n in MIXED if b + n <= max_tokens and 512 + n < max_context]
     return points
 
 
-def _synthetic(engine: Engine, kind: str, tokens: int, context: int) -> SchedulerOutput:
+def _synthetic(engine: Engine, point: Point) -> SchedulerOutput:
     kv = engine.kv_manager
     out = SchedulerOutput()
-    count, new = (tokens, 1) if kind == "decode" else (1, tokens)
     vocab = engine.loaded.config.vocab_size
-    for i in range(count):
+    work = [(point.decode_context, 1)] * point.decodes + ([(point.chunk_context, point.chunk)] if point.chunk else [])
+    for i, (context, new) in enumerate(work):
         length = context + new
         request = Request(f"profile-{i}", [(7 * j + i) % vocab for j in range(length)],
                           SamplingParams(temperature=0, max_tokens=1))
@@ -54,8 +75,8 @@ def _synthetic(engine: Engine, kind: str, tokens: int, context: int) -> Schedule
     return out
 
 
-def measure(engine: Engine, kind: str, tokens: int, context: int, repeats: int = 3) -> Sample:
-    out = _synthetic(engine, kind, tokens, context)
+def measure(engine: Engine, point: Point, repeats: int = 3) -> Sample:
+    out = _synthetic(engine, point)
     try:
         engine.runner.execute(out)  # warm-up: first use of a shape allocates
         times = []
@@ -66,9 +87,7 @@ def measure(engine: Engine, kind: str, tokens: int, context: int, repeats: int =
     finally:
         for s in out.scheduled:
             engine.kv_manager.free(s.request)
-    p = sum(s.num_new_tokens for s in out.scheduled)
-    c = sum(s.start + s.num_new_tokens for s in out.scheduled)
-    return Sample(p, c, statistics.median(times))
+    return Sample(out.shape, statistics.median(times))
 
 
 def profile(engine: Engine, quick: bool = False, progress: Callable[[int, int], None] | None = None
@@ -77,11 +96,11 @@ def profile(engine: Engine, quick: bool = False, progress: Callable[[int, int], 
     on everything."""
     points = grid(engine.config.max_num_batched_tokens, engine.max_model_len, quick)
     samples = []
-    for i, (kind, tokens, context) in enumerate(points):
+    for i, point in enumerate(points):
         try:
-            samples.append(measure(engine, kind, tokens, context))
+            samples.append(measure(engine, point))
         except MemoryError:
-            log.warning("skipping %s P=%d context=%d: KV cache too small", kind, tokens, context)
+            log.warning("skipping %s: KV cache too small", point)
         if progress is not None:
             progress(i + 1, len(points))
     train, held_out = samples[::2], samples[1::2]
@@ -89,5 +108,7 @@ def profile(engine: Engine, quick: bool = False, progress: Callable[[int, int], 
     model = LatencyModel.fit(samples)
     report = {"points": len(samples), "held_out": len(held_out),
               "median_abs_rel_error": median(errors), "max_abs_rel_error": max(errors),
-              "samples": [{"P": s.p, "C": s.c, "ms": round(s.seconds * 1000, 3)} for s in samples]}
+              "samples": [{"P": s.shape.tokens, "D": s.shape.decode_reads, "R": s.shape.prefill_reads,
+                          "ms": round(s.seconds * 1000, 3), "predicted_ms": round(model.predict(s.shape) * 1000, 3)}
+                         for s in samples]}
     return model, report

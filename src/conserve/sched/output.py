@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from conserve.request import Request
+from conserve.sched.latency_model import IterationShape
 
 
 @dataclass
@@ -28,6 +29,13 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def shape(self) -> IterationShape:
+        shape = IterationShape()
+        for s in self.scheduled:
+            shape.add(s.num_new_tokens, s.start + s.num_new_tokens)
+        return shape
 
     @property
     def is_empty(self) -> bool:

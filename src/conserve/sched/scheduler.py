@@ -1,51 +1,60 @@
-"""Continuous batching with chunked prefill (first come, first served). Pure Python: no torch.
+"""The iteration scheduler: which requests run this iteration, and how many tokens each. Pure Python.
 
-Each iteration first serves running requests (decodes and unfinished prefill chunks) in arrival
-order, then admits waiting ones, all within a token budget. When KV blocks run out, the most
-recently admitted running request is preempted and will recompute when it runs again.
+Every iteration is planned in phases:
+1. running online requests: decodes first, then unfinished prefill chunks;
+2. waiting online requests (new arrivals, preempted ones);
+3. running offline requests, then waiting offline ones.
+With `fcfs` there are no classes: one pass over everything in arrival order. `priority` and
+`sarathi` keep the phases under a fixed token budget. `conserve` sizes every step with the latency
+model: online decodes always run; online prefill is chunked so the running online decodes keep their
+TBT; offline work is added only while the predicted iteration time stays under the TBT objective
+minus a margin, or, with no online work in the iteration, while it raises the predicted throughput
+and stays under max_iteration_s. A starvation guard runs some offline work at least every few
+iterations. When KV blocks run out, victims are chosen by `victims.choose_victim`.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+import bisect
+import itertools
 
 from conserve.kv.kv_manager import KVCacheManager
 from conserve.request import Request, RequestStatus
-from conserve.sched.output import ScheduledRequest, SchedulerOutput
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int = 8192
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+from conserve.sched.config import SchedulerConfig
+from conserve.sched.latency_model import LatencyModel
+from conserve.sched.output import SchedulerOutput
+from conserve.sched.plan import IterationPlan, best_throughput_chunk, largest_fitting
+from conserve.sched.victims import choose_victim
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 latency_model: LatencyModel | None = None) -> None:
+        if config.policy == "conserve" and latency_model is None:
+            raise ValueError("the conserve scheduler needs a latency model (conserve profile)")
         self.config = config
         self.kv = kv
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.latency_model = latency_model
+        self.waiting: list[Request] = []  # sorted by _queue_key
+        self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._iterations_without_offline = 0
 
     # -- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.requests[request.request_id] = request
-        if request.is_online:
-            # Online requests wait ahead of offline ones (the co-serving scheduler refines this).
-            for i, queued in enumerate(self.waiting):
-                if not queued.is_online:
-                    self.waiting.insert(i, request)
-                    return
-        self.waiting.append(request)
+        request.arrival_seq = next(self._arrivals)
+        self._enqueue(request)
+
+    def _queue_key(self, request: Request) -> tuple[int, int]:
+        rank = 1 if self.config.has_classes and not request.is_online else 0
+        return rank, request.arrival_seq
+
+    def _enqueue(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=self._queue_key)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish a request from outside (abort, stop string). Unknown or finished ids are ignored."""
@@ -70,46 +79,123 @@ class Scheduler:
     # -- one iteration -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate(request, num_new):
-                victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is request:
-                    break
-            else:
-                out.scheduled.append(ScheduledRequest(request, num_new, self.kv.block_table(request)))
-                budget -= num_new
-                i += 1
-
-        # Admit waiting requests only if nobody was preempted: memory is tight otherwise.
-        while self.waiting and budget > 0 and not out.preempted:
-            if len(self.running) >= self.config.max_num_seqs:
-                break
-            request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate(request, num_new):
-                break
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, self.kv.block_table(request)))
-            budget -= num_new
+        plan = IterationPlan(out, self.config.max_num_batched_tokens)
+        if not self.config.has_classes:
+            self._schedule_running(plan, self.running)
+            self._admit(plan, self.waiting)
+            return out
+        online_running = [r for r in self.running if r.is_online]
+        self._schedule_running(plan, sorted(online_running, key=_remaining_tokens))  # decodes first
+        self._admit(plan, [r for r in self.waiting if r.is_online])
+        offline_running = [r for r in self.running if not r.is_online]
+        self._schedule_running(plan, sorted(offline_running, key=_remaining_tokens))
+        if not out.preempted:  # memory is tight otherwise: admit nothing new offline
+            self._admit(plan, [r for r in self.waiting if not r.is_online])
+        if self.config.policy == "conserve":
+            self._guard_starvation(plan)
         return out
 
-    def _preempt(self, request: Request) -> None:
+    def _schedule_running(self, plan: IterationPlan, requests: list[Request]) -> None:
+        for request in requests:
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this iteration
+                continue
+            n = self._num_tokens(plan, request)
+            if n == 0:
+                if self.config.policy == "conserve":
+                    continue  # a smaller step (a decode) may still fit
+                break
+            if self._allocate(plan, request, n):
+                plan.add(request, n, self.kv.block_table(request))
+
+    def _admit(self, plan: IterationPlan, candidates: list[Request]) -> None:
+        for request in candidates:
+            if len(self.running) >= self.config.max_num_seqs:
+                return
+            n = self._num_tokens(plan, request)
+            if n == 0:
+                return
+            if not self._allocate(plan, request, n):
+                return  # memory: later arrivals wait behind this one
+            self._start_running(request)
+            plan.add(request, n, self.kv.block_table(request))
+
+    def _start_running(self, request: Request) -> None:
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    # -- how many tokens -----------------------------------------------------------------------
+    def _num_tokens(self, plan: IterationPlan, request: Request) -> int:
+        remaining = min(request.num_tokens - request.num_computed_tokens, plan.tokens_left)
+        if remaining <= 0:
+            return 0
+        config = self.config
+        if config.policy != "conserve":
+            return min(remaining, config.fixed_budget - plan.shape.tokens)
+        model, start = self.latency_model, request.num_computed_tokens
+        is_decode = remaining == 1 and start + 1 == request.num_tokens
+        if request.is_online:
+            if is_decode:
+                return 1  # online decodes always run
+            limit = config.tbt_limit_s if plan.has_online_decode else config.max_iteration_s
+            n = largest_fitting(model, plan.shape, start, remaining, limit)
+            if plan.num_online_prefills == 0:  # the first online prefill always progresses
+                n = max(n, min(remaining, config.min_chunk))
+            return n
+        if plan.has_online:
+            return largest_fitting(model, plan.shape, start, remaining, config.tbt_limit_s)
+        largest = largest_fitting(model, plan.shape, start, remaining, config.max_iteration_s)
+        if plan.shape.tokens == 0 and largest == 0:
+            return min(remaining, config.min_chunk)  # an iteration always makes progress
+        return best_throughput_chunk(model, plan.shape, start, largest)
+
+    def _guard_starvation(self, plan: IterationPlan) -> None:
+        """If offline work was left out starvation_iterations times in a row, run a little of it: as
+        much as fits the TBT objective itself (the margin is what it spends), or else one token (the
+        one iteration in starvation_iterations that may overshoot, by one token's cost)."""
+        offline = [r for r in self.running if not r.is_online] + [r for r in self.waiting if not r.is_online]
+        if plan.num_offline or not offline:
+            self._iterations_without_offline = 0
+            return
+        self._iterations_without_offline += 1
+        if self._iterations_without_offline < self.config.starvation_iterations:
+            return
+        request = offline[0]
+        waiting = request.status is not RequestStatus.RUNNING
+        if waiting and len(self.running) >= self.config.max_num_seqs:
+            return
+        limit = self.config.slo_tbt_s if plan.has_online else self.config.max_iteration_s
+        remaining = min(request.num_tokens - request.num_computed_tokens, self.config.min_chunk)
+        n = largest_fitting(self.latency_model, plan.shape, request.num_computed_tokens, remaining, limit)
+        n = max(n, 1)
+        if self._allocate(plan, request, n):
+            if waiting:
+                self._start_running(request)
+            plan.add(request, n, self.kv.block_table(request))
+            self._iterations_without_offline = 0
+
+    # -- memory --------------------------------------------------------------------------------
+    def _allocate(self, plan: IterationPlan, request: Request, n: int) -> bool:
+        """Give the request blocks for n more tokens, preempting victims if the policy allows."""
+        while not self.kv.allocate(request, n):
+            victim = choose_victim(self.config.policy, request, self.running, plan.ids)
+            if victim is None:
+                return False
+            self._preempt(victim, plan.out)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request)
+        out.preempted.append(request)
 
+    # -- after the iteration -------------------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Commit an executed iteration: advance computed tokens, append sampled tokens, finish.
 
@@ -129,3 +215,8 @@ class Scheduler:
                 self.kv.free(request)
                 finished.append(request)
         return finished
+
+
+def _remaining_tokens(request: Request) -> bool:
+    """Sort key: decodes (one token to compute) before prefill chunks, stable otherwise."""
+    return request.num_tokens - request.num_computed_tokens != 1

@@ -1,0 +1,53 @@
+"""SchedulerConfig: the scheduling policy, its budgets and the latency objectives. Pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# fcfs: one queue, no classes (a plain serving system). priority: online before offline in every
+# queue; preemption only when KV memory runs out (vLLM's priority policy). sarathi: priority plus a
+# fixed per-iteration token budget. conserve: latency-aware token budget from the latency model.
+POLICIES = ("fcfs", "priority", "sarathi", "conserve")
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "conserve"
+    max_num_batched_tokens: int = 1024  # hard cap on tokens per iteration, every policy
+    max_num_seqs: int = 256
+    max_model_len: int = 8192
+    token_budget: int = 256  # sarathi's fixed budget
+    # Objectives for online requests. Defaults for SmolLM2-135M on a 2-core CPU: see README.
+    slo_ttft_s: float = 1.0
+    slo_tbt_s: float = 0.1
+    tbt_margin: float = 0.1  # fraction of the TBT objective kept back for the model's error
+    max_iteration_s: float = 0.5  # longest iteration without online work (bounds an arrival's wait)
+    starvation_iterations: int = 8  # offline runs at least once in this many iterations
+    min_chunk: int = 16  # smallest prefill chunk forced through when nothing else fits
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduler must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "token_budget", "starvation_iterations",
+                     "min_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("slo_ttft_s", "slo_tbt_s", "max_iteration_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.tbt_margin < 1:
+            raise ValueError(f"tbt_margin must be in [0, 1), got {self.tbt_margin}")
+
+    @property
+    def has_classes(self) -> bool:
+        return self.policy != "fcfs"
+
+    @property
+    def tbt_limit_s(self) -> float:
+        """Predicted iteration time that online requests' iterations must stay under."""
+        return self.slo_tbt_s * (1 - self.tbt_margin)
+
+    @property
+    def fixed_budget(self) -> int:
+        budget = self.token_budget if self.policy == "sarathi" else self.max_num_batched_tokens
+        return min(budget, self.max_num_batched_tokens)
