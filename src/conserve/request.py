@@ -57,6 +57,13 @@ class Request:
         self.num_computed_tokens = 0
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.arrival_seq = 0  # order of arrival at the scheduler (set by it): ties never depend on clocks
+        # Host-tier checkpoint (kv/offload.py): tokens whose copy to host was issued, and of those the
+        # ones known to be there. A prefetch in flight makes the request wait before it computes.
+        self.num_checkpoint_issued = 0
+        self.num_checkpointed = 0
+        self.checkpoint_epoch = 0  # bumped when the checkpoint is dropped: late copy completions ignored
+        self.prefetch_job: object | None = None
         # The runner's random generator for this request (opaque here: request state stays torch-free).
         self.generator: object | None = None
         # Longest the sequence may grow: max_tokens, capped by the model's context.
