@@ -92,6 +92,8 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._inbox.put(_Add(request_id, prompt_token_ids, params, request_class, stream, time.monotonic()))
+        if request_class is RequestClass.ONLINE and self.engine is not None:
+            self.engine.preemption.online_arrival(len(prompt_token_ids))  # may stop an offline iteration
         self._wake.set()
         finished = False
         try:
@@ -124,14 +126,18 @@ class AsyncEngine:
         engine = self.engine
         try:
             while not self._stopping:
+                # Read before draining: an online arrival after this point may preempt the next
+                # iteration if that iteration turns out to hold offline work only.
+                seen = engine.preemption.arrivals
                 if self._drain_inbox() and self._on_step is not None:
                     self._on_step(engine, [], None)  # requests came or went: refresh gauges
                 if not engine.has_unfinished_requests():
+                    engine.settle()
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
                 started = time.perf_counter()
-                outputs = engine.step()
+                outputs = engine.step(seen)
                 if self._on_step is not None:
                     self._on_step(engine, outputs, time.perf_counter() - started)
                 if outputs:

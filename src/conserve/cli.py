@@ -44,6 +44,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--latency-model", default=None,
                    help="latency model JSON from `conserve profile` (default: the cached fit for this "
                         "model, dtype, device and thread count; profiled on first start if missing)")
+    s.add_argument("--preemption", default="layer", choices=["layer", "iteration"],
+                   help="layer: an online arrival stops an offline-only iteration at the next safepoint "
+                        "between layers; iteration: it waits for the iteration to end")
+    s.add_argument("--safepoint-every", type=int, default=1, help="layers between preemption safepoints")
+    s.add_argument("--offline-kv", default="checkpoint", choices=["checkpoint", "swap", "recompute"],
+                   help="what preempting an offline request costs: checkpoint copies its KV to host memory "
+                        "in the background as it is written (resume = prefetch); swap copies it all at "
+                        "preemption, blocking; recompute drops it")
+    s.add_argument("--host-kv-cache-gb", type=float, default=2.0,
+                   help="host memory for checkpointed offline KV, GiB (pinned on CUDA)")
     s.add_argument("--latency-cache-dir", default=str(Path.home() / ".cache/conserve/latency"),
                    help="where fitted latency models are cached")
 
@@ -58,7 +68,9 @@ def engine_config(args: argparse.Namespace):
                         seed=getattr(args, "seed", None) or 0, int4=args.int4, scheduler=args.scheduler,
                         slo_ttft_ms=args.slo_ttft_ms, slo_tbt_ms=args.slo_tbt_ms, token_budget=args.token_budget,
                         max_iteration_ms=args.max_iteration_ms, latency_model=args.latency_model,
-                        latency_cache_dir=args.latency_cache_dir)
+                        latency_cache_dir=args.latency_cache_dir, preemption=args.preemption,
+                        safepoint_every=args.safepoint_every, offline_kv=args.offline_kv,
+                        host_kv_cache_gb=args.host_kv_cache_gb)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -122,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from conserve.batch_client import add_batch_command
 
     add_batch_command(sub)
+    from conserve.bench.serve_bench import add_bench_command
+
+    add_bench_command(sub)
     return parser
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from conserve.kv.offload import OFFLINE_KV_MODES
+from conserve.preemption import PREEMPTION_MODES
 from conserve.sched.config import SchedulerConfig
 
 
@@ -29,6 +31,11 @@ class EngineConfig:
     max_iteration_ms: float = 500.0  # longest iteration without online work
     latency_model: str | None = None  # a `conserve profile` JSON; None: the cache, else profile now
     latency_cache_dir: str = str(Path.home() / ".cache/conserve/latency")
+    # Preemption and the host KV tier.
+    preemption: str = "layer"  # "layer": offline-only iterations stop at safepoints; "iteration"
+    safepoint_every: int = 1  # layers between safepoint checks
+    offline_kv: str = "checkpoint"  # checkpoint | swap | recompute
+    host_kv_cache_gb: float = 2.0
 
     def __post_init__(self) -> None:
         if self.kv_cache_gb <= 0:
@@ -43,6 +50,14 @@ class EngineConfig:
             raise ValueError(f"int4 must be auto or off, got {self.int4!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
+        if self.offline_kv not in OFFLINE_KV_MODES:
+            raise ValueError(f"offline_kv must be one of {', '.join(OFFLINE_KV_MODES)}, got {self.offline_kv!r}")
+        if self.safepoint_every < 1:
+            raise ValueError(f"safepoint_every must be >= 1, got {self.safepoint_every}")
+        if self.host_kv_cache_gb <= 0:
+            raise ValueError(f"host_kv_cache_gb must be > 0, got {self.host_kv_cache_gb}")
         self.scheduler_config(8192)  # validates the scheduling fields
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:

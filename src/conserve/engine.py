@@ -13,11 +13,15 @@ import torch
 from conserve.config import EngineConfig
 from conserve.detokenizer import IncrementalDetokenizer
 from conserve.errors import RequestError
+from conserve.kv.copier import Copier, HostKVCache
+from conserve.kv.host_kv_manager import HostKVManager
 from conserve.kv.kv_manager import KVCacheManager, blocks_needed
+from conserve.kv.offload import Offloader
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from conserve.preemption import LayerPreemption
 from conserve.request import Request, RequestClass, RequestStatus
 from conserve.runner import ModelRunner
 from conserve.sampling_params import SamplingParams
@@ -72,12 +76,29 @@ class Engine:
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
         self.latency_model = latency_model
-        self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.kv_manager, latency_model)
+        self.offload = self._build_offloader(per_block)
+        sched_config = config.scheduler_config(self.max_model_len)
+        self.scheduler = Scheduler(sched_config, self.kv_manager, latency_model, self.offload)
+        # Layer-wise preemption is the co-serving scheduler's: other policies stop at iteration ends.
+        self.preemption = LayerPreemption(sched_config, latency_model, config.safepoint_every)
+        self._layer_preemption = config.preemption == "layer" and config.scheduler == "conserve"
         self._tracked: dict[str, _Tracked] = {}
         self._parents: dict[str, _Parent] = {}
         self._ids = itertools.count()
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                  num_blocks * per_block / 2**30)
+
+    def _build_offloader(self, bytes_per_block: int) -> Offloader | None:
+        config = self.config
+        if config.offline_kv == "recompute":
+            return None
+        num_blocks = max(1, int(config.host_kv_cache_gb * 2**30 // bytes_per_block))
+        self.host_kv_cache = HostKVCache(self.kv_cache, num_blocks)
+        self.copier = Copier(self.kv_cache, self.host_kv_cache)
+        log.info("host KV tier: %d blocks (%.2f GiB), offline KV mode %s", num_blocks,
+                 num_blocks * bytes_per_block / 2**30, config.offline_kv)
+        return Offloader(config.offline_kv, HostKVManager(num_blocks, config.block_size), self.kv_manager,
+                         self.copier, bytes_per_block // config.block_size)
 
     def _load_or_profile_latency_model(self) -> LatencyModel:
         """The configured latency model, else the cached fit for this model/dtype/device/threads, else
@@ -158,16 +179,38 @@ class Engine:
         return len(self._parents)
 
     # -- the loop ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; return an output for every request that produced tokens or finished."""
+    def step(self, arrivals_seen: int | None = None) -> list[RequestOutput]:
+        """Run one iteration; return an output for every request that produced tokens or finished.
+
+        arrivals_seen: the online-arrival count read before the caller handed its new requests to the
+        engine (AsyncEngine); an online arrival after that may stop an offline-only iteration."""
+        offload = self.offload
+        if offload is not None:
+            offload.poll()
+        seen = self.preemption.arrivals if arrivals_seen is None else arrivals_seen
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
+        for request, num_tokens in sched_out.prefetch:
+            offload.prefetch(request, num_tokens)
+        if not sched_out.scheduled:
+            if offload is not None and offload.num_in_flight:
+                offload.wait_oldest()  # nothing to compute until a prefetch lands
             return []
         started = time.perf_counter()
-        result = self.runner.execute(sched_out)
+        safepoint = None
+        if self._layer_preemption and not any(s.request.is_online for s in sched_out.scheduled):
+            predicted = self.latency_model.predict(sched_out.shape) if self.latency_model else None
+            safepoint = self.preemption.safepoint(seen, time.monotonic(), predicted)
+        result = self.runner.execute(sched_out, safepoint)
+        if result.stopped_at_layer is not None:
+            # Nothing is committed: token counts stay, and the KV written for these positions is
+            # overwritten when they are computed again.
+            self.preemption.stopped()
+            return []
         if self.latency_model is not None:
             self.latency_model.observe(sched_out.shape, time.perf_counter() - started)
         finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
+        if offload is not None:
+            offload.checkpoint([r for r in self.scheduler.running if not r.is_online], self.scheduler.evictable())
         now = time.monotonic()
         touched: dict[str, None] = {}
         for request_id, token in result.sampled.items():
@@ -179,6 +222,11 @@ class Engine:
                 tracked.detokenizer.flush()
             touched[tracked.parent_id] = None
         return [self._parent_output(p) for p in touched]
+
+    def settle(self) -> None:
+        """When idle: let copies in flight land, so every block they held is free again."""
+        if self.offload is not None and self.offload.num_in_flight:
+            self.offload.wait_all()
 
     def _record_token(self, tracked: _Tracked, token: int, lp: TokenLogprobs | None, now: float) -> None:
         if tracked.first_token_time is None:

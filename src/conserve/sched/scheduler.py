@@ -29,12 +29,16 @@ from conserve.sched.victims import choose_victim
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
-                 latency_model: LatencyModel | None = None) -> None:
+                 latency_model: LatencyModel | None = None, offload=None) -> None:
         if config.policy == "conserve" and latency_model is None:
             raise ValueError("the conserve scheduler needs a latency model (conserve profile)")
         self.config = config
         self.kv = kv
         self.latency_model = latency_model
+        # Host KV tier (kv/offload.py), or None: preempted requests recompute.
+        self.offload = offload
+        self.num_preemptions = 0
+        self.num_tokens_recomputed = 0  # committed tokens lost at preemption, computed again later
         self.waiting: list[Request] = []  # sorted by _queue_key
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
@@ -66,7 +70,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        self._release(request)
         return request
 
     @property
@@ -89,7 +93,9 @@ class Scheduler:
         self._admit(plan, [r for r in self.waiting if r.is_online])
         offline_running = [r for r in self.running if not r.is_online]
         self._schedule_running(plan, sorted(offline_running, key=_remaining_tokens))
-        if not out.preempted:  # memory is tight otherwise: admit nothing new offline
+        # Admit offline work only when memory is not tight: nothing was preempted and no online
+        # request is left waiting (the blocks would be taken back from it next iteration).
+        if not out.preempted and not any(r.is_online for r in self.waiting):
             self._admit(plan, [r for r in self.waiting if not r.is_online])
         if self.config.policy == "conserve":
             self._guard_starvation(plan)
@@ -97,8 +103,8 @@ class Scheduler:
 
     def _schedule_running(self, plan: IterationPlan, requests: list[Request]) -> None:
         for request in requests:
-            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this iteration
-                continue
+            if request.status is not RequestStatus.RUNNING or request.prefetch_job is not None:
+                continue  # preempted earlier in this iteration, or its KV is still coming back
             n = self._num_tokens(plan, request)
             if n == 0:
                 if self.config.policy == "conserve":
@@ -111,6 +117,10 @@ class Scheduler:
         for request in candidates:
             if len(self.running) >= self.config.max_num_seqs:
                 return
+            if self._resumable(request):
+                if not self._resume(plan, request):
+                    return
+                continue
             n = self._num_tokens(plan, request)
             if n == 0:
                 return
@@ -118,6 +128,20 @@ class Scheduler:
                 return  # memory: later arrivals wait behind this one
             self._start_running(request)
             plan.add(request, n, self.kv.block_table(request))
+
+    def _resumable(self, request: Request) -> int:
+        if self.offload is None or request.num_computed_tokens:
+            return 0
+        return self.offload.resumable_tokens(request)
+
+    def _resume(self, plan: IterationPlan, request: Request) -> bool:
+        """Bring a checkpointed request back: device blocks for its checkpoint, filled by a prefetch;
+        it computes from the next iteration on, once the copy is in."""
+        if not self._allocate(plan, request, self._resumable(request)):
+            return False
+        self._start_running(request)
+        plan.out.prefetch.append((request, self._resumable(request)))
+        return True
 
     def _start_running(self, request: Request) -> None:
         self.waiting.remove(request)
@@ -153,8 +177,9 @@ class Scheduler:
         """If offline work was left out starvation_iterations times in a row, run a little of it: as
         much as fits the TBT objective itself (the margin is what it spends), or else one token (the
         one iteration in starvation_iterations that may overshoot, by one token's cost)."""
-        offline = [r for r in self.running if not r.is_online] + [r for r in self.waiting if not r.is_online]
-        if plan.num_offline or not offline:
+        offline = [r for r in self.running if not r.is_online and r.prefetch_job is None]
+        offline += [r for r in self.waiting if not r.is_online and not self._resumable(r)]
+        if plan.num_offline or plan.out.prefetch or not offline:
             self._iterations_without_offline = 0
             return
         self._iterations_without_offline += 1
@@ -188,12 +213,27 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        kept = 0
+        if self.offload is not None and not request.is_online:
+            self.offload.on_preempt(request, self.evictable())
+            kept = self.offload.resumable_tokens(request)
+        self.kv.free(request)  # copies still in flight hold their own references to these blocks
+        self.num_preemptions += 1
+        self.num_tokens_recomputed += max(0, request.num_computed_tokens - kept)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._enqueue(request)
         out.preempted.append(request)
+
+    def evictable(self) -> list[Request]:
+        """Requests whose host checkpoints may be dropped for space: the preempted offline ones."""
+        return [r for r in self.waiting if not r.is_online]
+
+    def _release(self, request: Request) -> None:
+        self.kv.free(request)
+        if self.offload is not None:
+            self.offload.drop(request)
 
     # -- after the iteration -------------------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -212,7 +252,7 @@ class Scheduler:
             if request.check_stop():
                 self.running.remove(request)
                 self.requests.pop(request.request_id, None)
-                self.kv.free(request)
+                self._release(request)
                 finished.append(request)
         return finished
 

@@ -1,0 +1,155 @@
+"""Copies KV entries between the device cache and the host tier, off the critical path.
+
+On CPU a worker thread runs the jobs in order. On CUDA each job runs on a side stream: the
+device-side gather and the copy into pinned memory are queued behind the iteration that wrote the
+entries, an event marks completion, and the host-side scatter happens when the event has fired.
+Either way a job's blocks stay referenced (see copy_job.py) until `done` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from conserve.kv.copy_job import CopyJob
+from conserve.model.attention import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class HostKVCache:
+    """Host-memory K/V per layer, laid out like the device cache (pinned on CUDA)."""
+
+    def __init__(self, like: KVCache, num_blocks: int) -> None:
+        kv_heads, _, head_dim = like.k[0].shape
+        pin = like.k[0].is_cuda
+        slots = num_blocks * like.block_size
+        self.block_size = like.block_size
+        self.num_blocks = num_blocks
+        self.k = [torch.zeros(kv_heads, slots, head_dim, dtype=like.k[0].dtype, pin_memory=pin) for _ in like.k]
+        self.v = [torch.zeros(kv_heads, slots, head_dim, dtype=like.k[0].dtype, pin_memory=pin) for _ in like.v]
+        self._head_offsets = torch.arange(kv_heads).unsqueeze(1) * slots
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        return (self._head_offsets + slots.unsqueeze(0)).flatten()
+
+
+def _slots(tables: list[list[int]], spans: list[tuple[int, int]], block_size: int) -> list[int]:
+    out = []
+    for table, (start, end) in zip(tables, spans):
+        out.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+    return out
+
+
+class Copier:
+    def __init__(self, device: KVCache, host: HostKVCache, delay_s: float = 0.0) -> None:
+        self.device = device
+        self.host = host
+        self.delay_s = delay_s  # tests slow the copier down to catch blocks reused too early
+        self._cuda = device.k[0].is_cuda
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_cuda: list[tuple[CopyJob, torch.cuda.Event, object]] = []
+        if self._cuda:
+            self._stream = torch.cuda.Stream(device=device.k[0].device)
+        else:
+            self._thread = threading.Thread(target=self._work, name="conserve-kv-copier", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: CopyJob) -> None:
+        if self._cuda:
+            self._submit_cuda(job)
+        else:
+            self._queue.put(job)
+
+    def wait(self, job: CopyJob) -> None:
+        if self._cuda:
+            while not job.done.is_set():
+                self._finish_cuda(block=True)
+        else:
+            job.done.wait()
+
+    def close(self) -> None:
+        if not self._cuda:
+            self._queue.put(None)
+
+    # -- rows ----------------------------------------------------------------------------------
+    def _rows(self, job: CopyJob) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.device.block_size
+        spans = [(s.start, s.end) for s in job.segments]
+        dev = torch.tensor(_slots([s.device_blocks for s in job.segments], spans, bs), device=self.device.k[0].device)
+        host = torch.tensor(_slots([s.host_blocks for s in job.segments], spans, bs))
+        return self.device.rows(dev), self.host.rows(host)
+
+    @staticmethod
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, t.shape[-1])
+
+    # -- CPU: a worker thread ------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                self._copy_cpu(job)
+            except BaseException as e:  # reported to the engine thread by Offloader.poll
+                log.exception("KV copy failed")
+                job.error = e
+            job.done.set()
+
+    def _copy_cpu(self, job: CopyJob) -> None:
+        dev_rows, host_rows = self._rows(job)
+        pairs = zip(self.device.k + self.device.v, self.host.k + self.host.v)
+        for dev, host in pairs:
+            if job.kind == "checkpoint":  # one gather into a contiguous buffer, one scatter
+                self._flat(host).index_copy_(0, host_rows, self._flat(dev).index_select(0, dev_rows))
+            else:
+                self._flat(dev).index_copy_(0, dev_rows, self._flat(host).index_select(0, host_rows))
+
+    # -- CUDA: a side stream and events --------------------------------------------------------
+    def _submit_cuda(self, job: CopyJob) -> None:
+        dev_rows, host_rows = self._rows(job)
+        layers = list(zip(self.device.k + self.device.v, self.host.k + self.host.v))
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())  # the iteration that wrote the entries
+        with torch.cuda.stream(stream):
+            if job.kind == "checkpoint":
+                staged = torch.stack([self._flat(d).index_select(0, dev_rows) for d, _ in layers])
+                pinned = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
+                pinned.copy_(staged, non_blocking=True)
+                payload = (pinned, host_rows, staged)
+            else:
+                pinned = torch.stack([self._flat(h).index_select(0, host_rows) for _, h in layers]).pin_memory()
+                on_device = pinned.to(dev_rows.device, non_blocking=True)
+                for i, (d, _) in enumerate(layers):
+                    self._flat(d).index_copy_(0, dev_rows, on_device[i])
+                payload = (pinned, on_device)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._pending_cuda.append((job, event, payload))
+
+    def _finish_cuda(self, block: bool = False) -> None:
+        for entry in list(self._pending_cuda):
+            job, event, payload = entry
+            if block:
+                event.synchronize()
+            elif not event.query():
+                break  # in order: later jobs are not done either
+            if job.kind == "checkpoint":
+                pinned, host_rows, _ = payload
+                for i, h in enumerate(self.host.k + self.host.v):
+                    self._flat(h).index_copy_(0, host_rows, pinned[i])
+            self._pending_cuda.remove(entry)
+            job.done.set()
+            block = False
+
+    def poll(self) -> None:
+        """CUDA: finish the jobs whose events fired (CPU jobs finish on their own)."""
+        if self._cuda:
+            self._finish_cuda()

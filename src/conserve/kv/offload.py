@@ -1,0 +1,149 @@
+"""The host KV tier's policy: checkpoint, swap or recompute. Pure Python (the copies themselves are
+done by a torch `Copier`, handed in).
+
+- checkpoint (ConServe): after every iteration, offline requests' newly committed KV is copied to the
+  host in the background, each token once. Preempting frees device blocks at once; resuming prefetches
+  the checkpoint and recomputes only the tokens never checkpointed.
+- swap: nothing is copied while running; preemption copies everything and waits; resume prefetches
+  and waits, then drops the host copy (as older systems do).
+- recompute needs no offloader at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from conserve.kv.copy_job import CopyJob, Segment
+from conserve.kv.host_kv_manager import HostKVManager
+from conserve.kv.kv_manager import KVCacheManager
+from conserve.request import Request
+
+OFFLINE_KV_MODES = ("checkpoint", "swap", "recompute")
+
+
+@dataclass
+class OffloadStats:
+    bytes_checkpointed: int = 0
+    bytes_prefetched: int = 0
+
+
+class Offloader:
+    def __init__(self, mode: str, host: HostKVManager, device: KVCacheManager, copier, bytes_per_token: int):
+        if mode not in ("checkpoint", "swap"):
+            raise ValueError(f"an offloader copies for checkpoint or swap, not {mode!r}")
+        self.mode = mode
+        self.host = host
+        self.device = device
+        self.copier = copier  # submit(job), poll(), wait(job): see copier.py
+        self.bytes_per_token = bytes_per_token
+        self.stats = OffloadStats()
+        self._in_flight: list[CopyJob] = []
+
+    # -- copies out ----------------------------------------------------------------------------
+    def checkpoint(self, requests: Iterable[Request], evictable: Iterable[Request]) -> None:
+        """After a committed iteration: copy these requests' KV committed since their last checkpoint."""
+        if self.mode != "checkpoint":
+            return
+        evictable = list(evictable)
+        segments = []
+        for r in requests:
+            start, end = r.num_checkpoint_issued, r.num_computed_tokens
+            if r.prefetch_job is not None or end <= start:
+                continue
+            if not self.host.reserve(r, end, evictable):
+                continue  # host full of running checkpoints: catch up later
+            segments.append(self._segment(r, start, end))
+            r.num_checkpoint_issued = end
+        if segments:
+            self._submit(CopyJob("checkpoint", segments))
+
+    def on_preempt(self, request: Request, evictable: Iterable[Request]) -> None:
+        """Before the request's device blocks are freed. Copies still in flight complete first (they
+        hold their blocks); swap copies everything now and waits."""
+        request.prefetch_job = None  # an unfinished prefetch is abandoned (its blocks stay held)
+        if self.mode == "swap":
+            start, end = request.num_checkpoint_issued, request.num_computed_tokens
+            if end > start and self.host.reserve(request, end, list(evictable)):
+                job = CopyJob("checkpoint", [self._segment(request, start, end)])
+                request.num_checkpoint_issued = end
+                self._submit(job)
+                self.copier.wait(job)
+                self.poll()
+
+    # -- copies back ---------------------------------------------------------------------------
+    def resumable_tokens(self, request: Request) -> int:
+        """Tokens a resume can prefetch instead of recomputing."""
+        return request.num_checkpoint_issued if request.request_id in self.host.tables else 0
+
+    def prefetch(self, request: Request, num_tokens: int) -> None:
+        """The request's device table already holds num_tokens; fill it from the host. The request
+        stays unrunnable until poll() sees the copy complete. Copies run in order, so a checkpoint
+        still in flight lands on the host before this reads it."""
+        job = CopyJob("prefetch", [self._segment(request, 0, num_tokens)])
+        request.prefetch_job = job
+        self._submit(job)
+        if self.mode == "swap":
+            self.copier.wait(job)
+
+    # -- completion ----------------------------------------------------------------------------
+    def poll(self) -> list[Request]:
+        """Apply completed copies; return the requests whose prefetch completed (now runnable)."""
+        self.copier.poll()
+        ready = []
+        done = [job for job in self._in_flight if job.done.is_set()]
+        for job in done:
+            self._in_flight.remove(job)
+            if job.error is not None:
+                raise RuntimeError(f"KV {job.kind} copy failed: {job.error}") from job.error
+            self.device.pool.free(job.device_refs)
+            self.host.pool.free(job.host_refs)
+            for seg in job.segments:
+                r = seg.request
+                if job.kind == "checkpoint":
+                    self.stats.bytes_checkpointed += (seg.end - seg.start) * self.bytes_per_token
+                    if seg.epoch == r.checkpoint_epoch:
+                        r.num_checkpointed = max(r.num_checkpointed, seg.end)
+                elif r.prefetch_job is job:
+                    self.stats.bytes_prefetched += (seg.end - seg.start) * self.bytes_per_token
+                    r.prefetch_job = None
+                    r.num_computed_tokens = seg.end
+                    if self.mode == "swap":
+                        self.host.drop(r)  # swap keeps no host copy once resumed
+                    ready.append(r)
+        return ready
+
+    def wait_oldest(self) -> None:
+        if self._in_flight:
+            self.copier.wait(self._in_flight[0])
+
+    def wait_all(self) -> None:
+        for job in list(self._in_flight):
+            self.copier.wait(job)
+        self.poll()
+
+    def drop(self, request: Request) -> None:
+        """The request finished or was aborted: forget its checkpoint."""
+        request.prefetch_job = None
+        self.host.drop(request)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _segment(self, request: Request, start: int, end: int) -> Segment:
+        return Segment(request, start, end, list(self.device.block_table(request)),
+                       list(self.host.block_table(request)), request.checkpoint_epoch)
+
+    def _submit(self, job: CopyJob) -> None:
+        bs = self.device.block_size
+        for seg in job.segments:
+            span = seg.block_span(bs)
+            job.device_refs += seg.device_blocks[span.start:span.stop]
+            job.host_refs += seg.host_blocks[span.start:span.stop]
+        self.device.pool.share(job.device_refs)
+        self.host.pool.share(job.host_refs)
+        job.num_bytes = job.num_tokens * self.bytes_per_token
+        self._in_flight.append(job)
+        self.copier.submit(job)

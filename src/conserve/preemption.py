@@ -1,0 +1,62 @@
+"""Layer-wise preemption: stop an offline-only iteration between layers when an online request arrives.
+
+The front end calls `online_arrival` (any thread) as it hands an online request to the engine. The
+engine thread gives the runner a safepoint for iterations without online work; every k layers it
+checks, in microseconds, whether an online request arrived after the iteration was planned. Only
+then does it ask the latency model whether waiting for the iteration to end would break the new
+request's objectives: the rest of the iteration plus its prefill past the TTFT objective, or the
+rest alone past the TBT objective (an online request should not wait on offline work longer than
+an online iteration would hold it). A stopped iteration commits nothing (see Engine.step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from conserve.sched.config import SchedulerConfig
+from conserve.sched.latency_model import LatencyModel, prefill_chunk
+
+PREEMPTION_MODES = ("layer", "iteration")
+
+
+class LayerPreemption:
+    def __init__(self, config: SchedulerConfig, latency_model: LatencyModel | None, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"safepoint_every must be >= 1, got {every}")
+        self.config = config
+        self.latency_model = latency_model
+        self.every = every
+        self.arrivals = 0  # online arrivals so far (written by the front end only)
+        self._last_arrival = (0.0, 0)  # (monotonic time, prompt tokens) of the latest one
+        self.num_preemptions = 0
+        self.latencies: deque[float] = deque(maxlen=4096)  # arrival -> safepoint reached, seconds
+
+    def online_arrival(self, num_prompt_tokens: int) -> None:
+        self._last_arrival = (time.monotonic(), num_prompt_tokens)
+        self.arrivals += 1
+
+    def safepoint(self, seen: int, started: float, predicted_s: float | None) -> Callable[[int], bool]:
+        """For an offline-only iteration planned when `seen` arrivals had happened."""
+        every = self.every
+
+        def check(layer: int) -> bool:
+            if (layer + 1) % every or self.arrivals == seen:
+                return False
+            return self._worth_stopping(started, predicted_s)
+
+        return check
+
+    def _worth_stopping(self, started: float, predicted_s: float | None) -> bool:
+        if self.latency_model is None or predicted_s is None:
+            return True
+        remaining = predicted_s - (time.monotonic() - started)
+        _, prompt = self._last_arrival
+        prefill = self.latency_model.predict(prefill_chunk(prompt, prompt))
+        return remaining > self.config.slo_tbt_s or remaining + prefill > self.config.slo_ttft_s
+
+    def stopped(self) -> None:
+        """The runner stopped at a safepoint: record how long the arrival waited for it."""
+        self.num_preemptions += 1
+        self.latencies.append(time.monotonic() - self._last_arrival[0])
