@@ -1,0 +1,155 @@
+"""Offline load kept up beside the online run: flex requests or one Batch API job.
+
+Flex: K workers each send a `service_tier: "flex"` request and, when it ends, the next one, so K are
+always in flight; throughput counts the completed ones' usage (prompt + generated tokens). Requests
+still running when the online run ends are cancelled and not counted.
+Batch: one job of `offline_batch_size` lines, polled for `request_counts.completed`; its throughput is
+approximated as completed lines x (offline input + output length), since a line's usage is only in the
+output file, and it is cancelled when the online run ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from conserve.bench.client import BenchClient, BenchError, RequestResult
+from conserve.bench.config import BenchConfig
+from conserve.bench.prompts import PromptBuilder
+from conserve.bench.workload import request_body
+
+MAX_ERRORS_KEPT = 5
+
+
+@dataclass
+class OfflineSummary:
+    mode: str  # "none", "flex" or "batch"
+    completed: int = 0
+    failed: int = 0
+    tokens: int = 0  # prompt + generated tokens completed during the online run
+    errors: list[str] = field(default_factory=list)  # the first few
+    results: list[RequestResult] = field(default_factory=list)  # flex: completed requests (timeline)
+    samples: list[tuple[float, int]] = field(default_factory=list)  # batch: (perf_counter, completed)
+    batch_id: str | None = None
+    warning: str | None = None
+
+    def note_error(self, message: str) -> None:
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(message)
+
+
+class OfflineLoad:
+    """No offline load; the base of the two real ones."""
+
+    def __init__(self, client: BenchClient, config: BenchConfig, model: str, builder: PromptBuilder,
+                 on_progress: Callable[[], None] = lambda: None) -> None:
+        self.client, self.config, self.model, self.builder = client, config, model, builder
+        self.on_progress = on_progress
+        self.summary = OfflineSummary(config.offline_mode)
+
+    async def prepare(self) -> None:
+        """Work done before the clock starts (uploading a batch file)."""
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> OfflineSummary:
+        return self.summary
+
+
+class FlexLoad(OfflineLoad):
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(w)) for w in range(self.config.offline_concurrency)]
+
+    async def _worker(self, w: int) -> None:
+        cfg, s = self.config, self.summary
+        rng = random.Random(f"offline-{cfg.seed}-{w}")  # str seeds are stable across processes
+        backoff = 0.0
+        while True:
+            prompt = self.builder.build(cfg.offline_input_len, rng)
+            body = request_body(self.model, cfg.endpoint, prompt, cfg.offline_output_len, flex=True)
+            res = await self.client.stream(cfg.endpoint_path, body)
+            if res.ok:
+                s.completed += 1
+                s.tokens += (res.prompt_tokens or cfg.offline_input_len) + res.output_tokens
+                s.results.append(res)
+                backoff = 0.0
+            else:
+                s.failed += 1
+                s.note_error(res.error or "")
+                backoff = min(1.0, max(0.05, 2 * backoff))  # a server refusing flex must not be hammered
+                await asyncio.sleep(backoff)
+            self.on_progress()
+
+    async def stop(self) -> OfflineSummary:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return self.summary
+
+
+class BatchLoad(OfflineLoad):
+    async def prepare(self) -> None:
+        cfg = self.config
+        rng = random.Random(f"offline-batch-{cfg.seed}")
+        lines = []
+        for i in range(cfg.offline_batch_size):
+            body = request_body(self.model, cfg.endpoint, self.builder.build(cfg.offline_input_len, rng),
+                                cfg.offline_output_len, stream=False)
+            lines.append(json.dumps({"custom_id": f"bench-{i}", "method": "POST", "url": cfg.endpoint_path,
+                                     "body": body}))
+        file_id = await self.client.upload_batch_file(("\n".join(lines) + "\n").encode())
+        batch = await self.client.create_batch(file_id, cfg.endpoint_path)
+        self.summary.batch_id = batch["id"]
+        self._baseline = _completed(batch)  # lines done before the clock starts do not count
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await self._sample()
+            self.on_progress()
+            await asyncio.sleep(self.config.offline_batch_poll_s)
+
+    async def _sample(self) -> dict | None:
+        try:
+            batch = await self.client.get_batch(self.summary.batch_id or "")
+        except BenchError as e:
+            self.summary.note_error(str(e))
+            return None
+        done = _completed(batch) - self._baseline
+        self.summary.samples.append((time.perf_counter(), done))
+        self.summary.completed = max(self.summary.completed, done)
+        self.summary.failed = (batch.get("request_counts") or {}).get("failed", 0)
+        if batch.get("status") in ("completed", "failed", "expired", "cancelled"):
+            self.summary.warning = (f"offline batch {batch['id']} ended ({batch['status']}) before the online "
+                                    "run did: raise --offline-batch-size to keep the offline load up")
+        return batch
+
+    async def stop(self) -> OfflineSummary:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._sample()
+        try:
+            await self.client.cancel_batch(self.summary.batch_id or "")
+        except BenchError as e:
+            if self.summary.warning is None:  # a finished batch cannot be cancelled: that is expected
+                self.summary.note_error(f"cancelling the offline batch: {e}")
+        s = self.summary
+        s.tokens = s.completed * (self.config.offline_input_len + self.config.offline_output_len)
+        return s
+
+
+def _completed(batch: dict) -> int:
+    return int((batch.get("request_counts") or {}).get("completed", 0))
+
+
+def make_offline_load(client: BenchClient, config: BenchConfig, model: str, builder: PromptBuilder,
+                      on_progress: Callable[[], None] = lambda: None) -> OfflineLoad:
+    cls = {"none": OfflineLoad, "flex": FlexLoad, "batch": BatchLoad}[config.offline_mode]
+    return cls(client, config, model, builder, on_progress)
