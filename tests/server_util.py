@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -22,6 +23,14 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
+        os.makedirs(data_dir, exist_ok=True)
+        if "--latency-model" not in args:
+            # Tests do not wait for a profile of this machine: a latency model of the right magnitude.
+            from conftest import rough_latency_model
+
+            path = os.path.join(data_dir, "latency.json")
+            rough_latency_model().save(Path(path))
+            args = (*args, "--latency-model", path)
         cmd = [sys.executable, "-m", "conserve.cli", "serve", "--port", str(self.port), "--data-dir", data_dir,
                *args]
         if api_key:

@@ -16,7 +16,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_generate_chat_prints_the_greedy_answer():
     res = run("generate", "--chat", "--prompt", "What is the capital of France?", "--dtype", "float32",
-              "--max-tokens", "16")
+              "--max-tokens", "16", "--scheduler", "fcfs")
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout
 

@@ -1,6 +1,8 @@
 """Offline requests through heavy preempt/resume churn on the real default model, in every combination
 of --preemption and --offline-kv: greedy float32 outputs equal those of the same requests undisturbed."""
 
+import os
+
 import pytest
 
 from conftest import default_gguf, rough_latency_model
@@ -11,6 +13,7 @@ from conserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 
+DEVICE = os.environ.get("CONSERVE_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh runs this file on cuda
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 OFFLINE = {f"off{i}": [1] + [(389 * i + 17 * j) % 30000 + 300 for j in range(69)] for i in range(4)}
 ONLINE = {f"on{i}": [1] + [(911 * i + 7 * j) % 30000 + 300 for j in range(29)] for i in range(5)}
@@ -26,7 +29,8 @@ def finish(engine, outputs):
 @pytest.fixture(scope="module")
 def undisturbed():
     default_gguf()
-    engine = Engine(EngineConfig(dtype="float32", scheduler="fcfs", offline_kv="recompute", kv_cache_gb=0.1))
+    engine = Engine(EngineConfig(dtype="float32", device=DEVICE, scheduler="fcfs", offline_kv="recompute",
+                                 kv_cache_gb=0.1))
     outputs = {}
     for rid, ids in {**OFFLINE, **ONLINE}.items():
         engine.add_request(rid, ids, GREEDY)
@@ -40,10 +44,10 @@ def test_churn_leaves_outputs_exact(undisturbed, preemption, offline_kv):
     # 16 blocks of 16 tokens = 256 token slots: four 70-token offline prompts growing to 86 tokens and
     # 30-token online arrivals cannot all stay resident. slo_ttft_ms=1: every online arrival during an
     # offline-only iteration is worth a layer-wise stop.
-    config = EngineConfig(dtype="float32", num_kv_blocks=16, slo_tbt_ms=60, slo_ttft_ms=1, max_iteration_ms=150,
+    config = EngineConfig(dtype="float32", device=DEVICE, num_kv_blocks=16, slo_tbt_ms=60, slo_ttft_ms=1, max_iteration_ms=150,
                           preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05, safepoint_every=3)
     engine = Engine(config, latency_model=rough_latency_model())
-    if offline_kv == "checkpoint":
+    if offline_kv == "checkpoint" and DEVICE == "cpu":
         engine.copier.delay_s = 0.03  # a slow copier: blocks must wait for their copies
     for rid, ids in OFFLINE.items():
         engine.add_request(rid, ids, GREEDY, RequestClass.OFFLINE)

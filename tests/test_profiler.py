@@ -32,3 +32,20 @@ def test_profile_measures_the_grid_and_fits(tmp_path):
     assert latency.predict(decode_batch(1, 64)) > 0
     # The profiler leaves no blocks behind.
     assert engine.kv_manager.num_free_blocks == 1024
+
+
+def test_engine_profiles_on_first_start_and_reuses_the_cache(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**COMMON, "max_position_embeddings": 4096}), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    write_tokenizer(tmp_path / "m")
+    cache = tmp_path / "cache"
+    first = Engine(model=str(tmp_path / "m"), dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=256,
+                   latency_cache_dir=str(cache))
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1 and first.latency_model is not None
+    again = Engine(model=str(tmp_path / "m"), dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=256,
+                   latency_cache_dir=str(cache))
+    assert again.latency_model.coefficients == first.latency_model.coefficients

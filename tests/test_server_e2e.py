@@ -118,3 +118,7 @@ def test_metrics_report_classes(server, client, model):
     text = httpx.get(f"{server.url}/metrics").text
     assert 'conserve_requests_total{finish_reason="length",request_class="offline"}' in text
     assert "conserve_time_to_first_token_seconds_bucket" in text
+    for name in ('conserve_preemptions_total{cause="memory"}', 'conserve_preemptions_total{cause="layer"}',
+                 "conserve_kv_checkpointed_bytes_total", "conserve_preemption_latency_seconds_bucket",
+                 "conserve_recomputed_tokens_total", "conserve_host_kv_blocks_used"):
+        assert name in text

@@ -20,6 +20,8 @@ from conserve.model.attention import KVCache
 
 log = logging.getLogger(__name__)
 
+_IDLE_EXIT_S = 1.0
+
 
 class HostKVCache:
     """Host-memory K/V per layer, laid out like the device cache (pinned on CUDA)."""
@@ -30,8 +32,9 @@ class HostKVCache:
         slots = num_blocks * like.block_size
         self.block_size = like.block_size
         self.num_blocks = num_blocks
-        self.k = [torch.zeros(kv_heads, slots, head_dim, dtype=like.k[0].dtype, pin_memory=pin) for _ in like.k]
-        self.v = [torch.zeros(kv_heads, slots, head_dim, dtype=like.k[0].dtype, pin_memory=pin) for _ in like.v]
+        # Uninitialised: on CPU the pages are only committed when a checkpoint first writes them.
+        self.k = [torch.empty(kv_heads, slots, head_dim, dtype=like.k[0].dtype, pin_memory=pin) for _ in like.k]
+        self.v = [torch.empty(kv_heads, slots, head_dim, dtype=like.k[0].dtype, pin_memory=pin) for _ in like.v]
         self._head_offsets = torch.arange(kv_heads).unsqueeze(1) * slots
 
     def rows(self, slots: torch.Tensor) -> torch.Tensor:
@@ -53,17 +56,21 @@ class Copier:
         self._cuda = device.k[0].is_cuda
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_cuda: list[tuple[CopyJob, torch.cuda.Event, object]] = []
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
         if self._cuda:
             self._stream = torch.cuda.Stream(device=device.k[0].device)
-        else:
-            self._thread = threading.Thread(target=self._work, name="conserve-kv-copier", daemon=True)
-            self._thread.start()
 
     def submit(self, job: CopyJob) -> None:
         if self._cuda:
             self._submit_cuda(job)
-        else:
-            self._queue.put(job)
+            return
+        self._queue.put(job)
+        with self._lock:
+            # The worker exits when idle (it must not keep an unused engine's caches alive forever).
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="conserve-kv-copier", daemon=True)
+                self._thread.start()
 
     def wait(self, job: CopyJob) -> None:
         if self._cuda:
@@ -72,9 +79,6 @@ class Copier:
         else:
             job.done.wait()
 
-    def close(self) -> None:
-        if not self._cuda:
-            self._queue.put(None)
 
     # -- rows ----------------------------------------------------------------------------------
     def _rows(self, job: CopyJob) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +95,14 @@ class Copier:
     # -- CPU: a worker thread ------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
+            try:
+                job = self._queue.get(timeout=_IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
             try:
                 if self.delay_s:
                     time.sleep(self.delay_s)

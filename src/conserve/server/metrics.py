@@ -33,6 +33,21 @@ class Metrics:
         self.iteration = Histogram("conserve_iteration_seconds", "Time of one engine step",
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.http_errors = Counter("conserve_http_errors", "Error responses", ["status"], registry=r)
+        # Preemption and the host KV tier.
+        self.preemptions = Counter("conserve_preemptions", "Preemptions: 'memory' (an offline request's KV "
+                                   "blocks taken back) or 'layer' (an iteration stopped at a safepoint)",
+                                   ["cause"], registry=r)
+        self.preemption_latency = Histogram("conserve_preemption_latency_seconds",
+                                            "Online arrival to the safepoint that stopped an offline iteration",
+                                            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+                                            registry=r)
+        self.checkpointed = Counter("conserve_kv_checkpointed_bytes", "KV bytes copied to the host tier", registry=r)
+        self.prefetched = Counter("conserve_kv_prefetched_bytes", "KV bytes copied back from the host tier",
+                                  registry=r)
+        self.recomputed = Counter("conserve_recomputed_tokens", "Committed tokens lost at preemption and "
+                                  "computed again", registry=r)
+        self.host_kv_used = Gauge("conserve_host_kv_blocks_used", "Host KV tier blocks in use", registry=r)
+        self._seen: dict[str, int] = {}
 
     def on_step(self, engine: Engine, outputs: list, seconds: float | None) -> None:
         """Called on the engine thread after each step, and with seconds=None when requests came or went."""
@@ -45,6 +60,22 @@ class Metrics:
         pool = engine.kv_manager.pool
         self.kv_used.set(pool.num_used)
         self.kv_total.set(pool.num_blocks)
+        self._count(self.preemptions.labels("memory"), "memory", sched.num_preemptions)
+        self._count(self.preemptions.labels("layer"), "layer", engine.preemption.num_preemptions)
+        self._count(self.recomputed, "recomputed", sched.num_tokens_recomputed)
+        while engine.preemption.latencies:
+            self.preemption_latency.observe(engine.preemption.latencies.popleft())
+        if engine.offload is not None:
+            self._count(self.checkpointed, "checkpointed", engine.offload.stats.bytes_checkpointed)
+            self._count(self.prefetched, "prefetched", engine.offload.stats.bytes_prefetched)
+            self.host_kv_used.set(engine.offload.host.pool.num_used)
+
+    def _count(self, counter, key: str, total: int) -> None:
+        """Counters mirror the engine's running totals: add what is new since the last step."""
+        delta = total - self._seen.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+            self._seen[key] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
