@@ -36,7 +36,11 @@ def prompt(seed: int, length: int) -> list[int]:
 
 
 def preemption_latency(mode: str, args) -> dict:
-    engine = Engine(EngineConfig(device=args.device, preemption=mode))
+    """mode: layer (stop when waiting would cost the arrival more than a TBT objective or break its TTFT
+    objective), layer-always (stop at the next safepoint whatever the prediction), iteration."""
+    engine = Engine(EngineConfig(device=args.device, preemption=mode.removesuffix("-always")))
+    if mode == "layer-always":
+        engine.preemption.latency_model = None  # without a model to ask, every arrival stops the iteration
     engine.warmup()
     offline = SamplingParams(temperature=0, max_tokens=args.offline_output, ignore_eos=True)
     for i in range(args.offline_batch):
@@ -45,6 +49,7 @@ def preemption_latency(mode: str, args) -> dict:
     picked: dict[str, float] = {}
     stop = threading.Event()
     offline_tokens = [0]
+    steps: list[tuple[float, float, bool, bool]] = []  # (start, end, stopped at a safepoint, online ran)
 
     def loop() -> None:  # the engine thread, as AsyncEngine runs it
         while not stop.is_set():
@@ -59,9 +64,14 @@ def preemption_latency(mode: str, args) -> dict:
             if not engine.has_unfinished_requests():
                 time.sleep(0.001)
                 continue
-            for out in engine.step(seen):
-                if out.request_id.startswith("off"):
-                    offline_tokens[0] += 1
+            stops = engine.preemption.num_preemptions
+            online = any(r.is_online for r in engine.scheduler.running + engine.scheduler.waiting)
+            begin = time.monotonic()
+            outputs = engine.step(seen)
+            steps.append((begin, time.monotonic(), engine.preemption.num_preemptions > stops, online))
+            for out in outputs:
+                if out.request_id.startswith("off") and out.finished:
+                    offline_tokens[0] += len(out.prompt_token_ids) + len(out.outputs[0].token_ids)
 
     thread = threading.Thread(target=loop, name="engine")
     thread.start()
@@ -82,10 +92,17 @@ def preemption_latency(mode: str, args) -> dict:
     stop.set()
     thread.join()
     waits = [1000 * (picked[r] - arrived[r]) for r in arrived if r in picked]
+    # What each arrival waited for: the step running when it arrived.
+    causes = []
+    for r in sorted(arrived, key=lambda r: picked.get(r, 0) - arrived[r], reverse=True)[:3]:
+        step = next((s for s in steps if s[0] <= arrived[r] < s[1]), None)
+        if step is not None:
+            causes.append({"wait_ms": 1000 * (picked[r] - arrived[r]), "step_ms": 1000 * (step[1] - step[0]),
+                           "stopped": step[2], "online_in_batch": step[3]})
     return {"mode": mode, "arrivals": len(waits), "p50_wait_ms": percentile(waits, 50),
             "p99_wait_ms": percentile(waits, 99), "mean_wait_ms": statistics.fmean(waits),
             "layer_stops": engine.preemption.num_preemptions - preempted_before,
-            "offline_steps_per_s": (offline_tokens[0] - tokens_before) / elapsed}
+            "offline_tok_s": (offline_tokens[0] - tokens_before) / elapsed, "longest_waits": causes}
 
 
 def resume_cost(offline_kv: str, context: int, args) -> dict:
@@ -114,27 +131,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer arrivals and contexts")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--offline-batch", type=int, default=48)
-    p.add_argument("--offline-prompt", type=int, default=256)
-    p.add_argument("--offline-output", type=int, default=4096)
+    # Summarisation-like offline work: long prompts keep prefill chunks (the longest iterations) coming.
+    p.add_argument("--offline-batch", type=int, default=200)
+    p.add_argument("--offline-prompt", type=int, default=1024)
+    p.add_argument("--offline-output", type=int, default=32)
     p.add_argument("--online-prompt", type=int, default=64)
-    p.add_argument("--arrivals", type=int, default=40)
+    p.add_argument("--arrivals", type=int, default=30)
     p.add_argument("--interval", type=float, default=0.7, help="mean seconds between online arrivals")
-    p.add_argument("--settle", type=float, default=20.0, help="seconds of offline-only work before arrivals")
+    p.add_argument("--settle", type=float, default=5.0, help="seconds of offline-only work before arrivals")
     p.add_argument("--output", default="results/preemption.json")
     args = p.parse_args()
     contexts = (256, 1024, 4096) if args.quick else (256, 512, 1024, 2048, 4096)
     if args.quick:
-        args.arrivals, args.settle = 15, 12.0
+        args.arrivals = 12
 
-    latency = [preemption_latency(mode, args) for mode in ("layer", "iteration")]
+    latency = [preemption_latency(mode, args) for mode in ("layer", "layer-always", "iteration")]
     print(f"\n## Preemption latency: online arrival -> engine free ({args.offline_batch} offline requests, "
-          f"{args.offline_prompt}-token prompts)\n")
-    print("| preemption | arrivals | P50 ms | P99 ms | mean ms | layer stops | offline tokens/s |")
+          f"{args.offline_prompt}-token prompts, {args.offline_output} tokens out)\n")
+    print("| preemption | arrivals | P50 ms | P99 ms | mean ms | layer stops | offline tok/s |")
     print("|---|---|---|---|---|---|---|")
     for r in latency:
         print(f"| {r['mode']} | {r['arrivals']} | {r['p50_wait_ms']:.1f} | {r['p99_wait_ms']:.1f} | "
-              f"{r['mean_wait_ms']:.1f} | {r['layer_stops']} | {r['offline_steps_per_s']:.0f} |")
+              f"{r['mean_wait_ms']:.1f} | {r['layer_stops']} | {r['offline_tok_s']:.0f} |")
+    for r in latency:
+        print(f"longest waits, {r['mode']}: {r['longest_waits']}")
 
     resume = [resume_cost(kv, c, args) for c in contexts for kv in ("checkpoint", "swap", "recompute")]
     print("\n## Preempt and resume one offline request\n")
