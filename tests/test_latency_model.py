@@ -85,3 +85,14 @@ def test_json_round_trip_keeps_the_profiled_grid_and_rejects_malformed(tmp_path)
     path.write_text("not json")
     with pytest.raises(ValueError, match="not a latency model"):
         LatencyModel.load(path)
+
+
+def test_a_steady_serving_overhead_corrects_predictions_before_any_refit():
+    model = LatencyModel.fit(grid())
+    shape = decode_batch(16, 512)
+    base = model.predict(shape)
+    for s in grid(seed=2):
+        model.observe(s.shape, 1.3 * s.seconds, refit_every=10**9)  # serving costs 30% more
+    assert model.predict(shape) == pytest.approx(1.3 * base, rel=0.05)
+    model.observe(shape, 100.0, refit_every=10**9)  # one wild outlier moves it by at most a few percent
+    assert model.predict(shape) < 1.5 * base

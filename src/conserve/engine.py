@@ -184,6 +184,7 @@ class Engine:
 
         arrivals_seen: the online-arrival count read before the caller handed its new requests to the
         engine (AsyncEngine); an online arrival after that may stop an offline-only iteration."""
+        step_started = time.perf_counter()
         offload = self.offload
         if offload is not None:
             offload.poll()
@@ -195,7 +196,6 @@ class Engine:
             if offload is not None and offload.num_in_flight:
                 offload.wait_oldest()  # nothing to compute until a prefetch lands
             return []
-        started = time.perf_counter()
         safepoint = None
         if self._layer_preemption and not any(s.request.is_online for s in sched_out.scheduled):
             predicted = self.latency_model.predict(sched_out.shape) if self.latency_model else None
@@ -206,8 +206,6 @@ class Engine:
             # overwritten when they are computed again.
             self.preemption.stopped()
             return []
-        if self.latency_model is not None:
-            self.latency_model.observe(sched_out.shape, time.perf_counter() - started)
         finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
         if offload is not None:
             offload.checkpoint([r for r in self.scheduler.running if not r.is_online], self.scheduler.evictable())
@@ -221,7 +219,11 @@ class Engine:
             if request_id in finished or tracked.request.is_finished:
                 tracked.detokenizer.flush()
             touched[tracked.parent_id] = None
-        return [self._parent_output(p) for p in touched]
+        outputs = [self._parent_output(p) for p in touched]
+        if self.latency_model is not None:
+            # The whole step (planning, model, outputs) is what an online request feels between tokens.
+            self.latency_model.observe(sched_out.shape, time.perf_counter() - step_started)
+        return outputs
 
     def settle(self) -> None:
         """When idle: let copies in flight land, so every block they held is free again."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FEATURES = ("1", "P", "P^2", "D", "R", "P*D")
+CORRECTION_RATE = 0.05  # smoothing of the measured/predicted correction: ~20 iterations
 
 
 @dataclass
@@ -105,9 +106,15 @@ class LatencyModel:
     # Recent observations from serving (bounded: memory stays constant).
     recent: deque = field(default_factory=lambda: deque(maxlen=1024), repr=False)
     num_observed: int = 0
+    # Measured / predicted, smoothed over recent iterations: serving costs what profiling did not see
+    # (HTTP streaming on the same cores, output handling). Corrects every prediction between refits.
+    correction: float = 1.0
 
     def predict(self, shape: IterationShape) -> float:
         """Predicted seconds for an iteration of this shape (never below 0)."""
+        return self.correction * self._fitted(shape)
+
+    def _fitted(self, shape: IterationShape) -> float:
         return max(0.0, sum(w * x for w, x in zip(self.coefficients, shape.features())))
 
     @classmethod
@@ -122,16 +129,24 @@ class LatencyModel:
         plus the recent observations. Returns whether it refitted."""
         self.recent.append(Sample(shape, seconds))
         self.num_observed += 1
+        fitted = self._fitted(shape)
+        if fitted > 0:
+            ratio = min(4.0, max(0.25, seconds / fitted))  # one outlier (a GC pause) moves it little
+            self.correction += CORRECTION_RATE * (ratio - self.correction)
         if self.num_observed % refit_every:
             return False
         samples = self.base + list(self.recent)
         if len(samples) < 2 * len(FEATURES):
             return False
         self.coefficients = _fit(samples)
+        # The refit has absorbed the recent costs: start the correction over from the new fit's bias.
+        recent = [s for s in self.recent if self._fitted(s.shape) > 0][-64:]
+        if recent:
+            self.correction = sum(s.seconds / self._fitted(s.shape) for s in recent) / len(recent)
         return True
 
     def relative_errors(self, samples: Iterable[Sample]) -> list[float]:
-        return [abs(self.predict(s.shape) - s.seconds) / s.seconds for s in samples]
+        return [abs(self._fitted(s.shape) - s.seconds) / s.seconds for s in samples]
 
     # -- persistence ---------------------------------------------------------------------------
     def to_json(self) -> dict:
