@@ -39,6 +39,10 @@ class BenchConfig:
     offline_batch: bool = False  # a Batch API job instead of flex requests
     offline_batch_size: int = 1000
     offline_batch_poll_s: float = 1.0
+    # how offline requests are marked: conserve reads service_tier=flex; vLLM's priority scheduler
+    # reads an integer "priority" instead (lower first) and may reject an unknown service tier
+    offline_service_tier: bool = True  # send "service_tier": "flex"
+    offline_extra_body: dict = field(default_factory=dict)  # merged into offline bodies, e.g. {"priority": 10}
     # report
     goodput: dict[str, float] = field(default_factory=dict)  # metric (ttft/tpot/e2el) -> SLO in ms
     percentiles: list[float] = field(default_factory=lambda: [90.0, 99.0])

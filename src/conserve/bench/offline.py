@@ -6,6 +6,7 @@ still running when the online run ends are cancelled and not counted.
 Batch: one job of `offline_batch_size` lines, polled for `request_counts.completed`; its throughput is
 approximated as completed lines x (offline input + output length), since a line's usage is only in the
 output file, and it is cancelled when the online run ends.
+`offline_service_tier` / `offline_extra_body` change how offline requests are marked (vLLM: priority).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class FlexLoad(OfflineLoad):
         backoff = 0.0
         while True:
             prompt = self.builder.build(cfg.offline_input_len, rng)
-            body = request_body(self.model, cfg.endpoint, prompt, cfg.offline_output_len, flex=True)
+            body = offline_body(cfg, self.model, prompt)
             res = await self.client.stream(cfg.endpoint_path, body)
             if res.ok:
                 s.completed += 1
@@ -98,8 +99,7 @@ class BatchLoad(OfflineLoad):
         rng = random.Random(f"offline-batch-{cfg.seed}")
         lines = []
         for i in range(cfg.offline_batch_size):
-            body = request_body(self.model, cfg.endpoint, self.builder.build(cfg.offline_input_len, rng),
-                                cfg.offline_output_len, stream=False)
+            body = offline_body(cfg, self.model, self.builder.build(cfg.offline_input_len, rng), stream=False)
             lines.append(json.dumps({"custom_id": f"bench-{i}", "method": "POST", "url": cfg.endpoint_path,
                                      "body": body}))
         file_id = await self.client.upload_batch_file(("\n".join(lines) + "\n").encode())
@@ -143,6 +143,13 @@ class BatchLoad(OfflineLoad):
         s = self.summary
         s.tokens = s.completed * (self.config.offline_input_len + self.config.offline_output_len)
         return s
+
+
+def offline_body(cfg: BenchConfig, model: str, prompt: str, stream: bool = True) -> dict:
+    body = request_body(model, cfg.endpoint, prompt, cfg.offline_output_len, stream=stream,
+                        flex=cfg.offline_service_tier and stream)  # batch lines are offline already
+    body.update(cfg.offline_extra_body)
+    return body
 
 
 def _completed(batch: dict) -> int:

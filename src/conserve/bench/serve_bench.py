@@ -66,6 +66,9 @@ def add_bench_command(sub) -> None:
     r.add_argument("--output", default=None, metavar="FILE.json", help="write the full report as JSON")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench_serve)
+    from conserve.bench.coserve import add_coserve_command
+
+    add_coserve_command(bench_sub)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
