@@ -153,3 +153,12 @@ def test_online_requests_wait_ahead_of_offline_ones():
         sched.add_request(r)
     sched.add_request(req("on", 2, max_tokens=1))
     assert [r.request_id for r in sched.waiting] == ["on", "off0", "off1"]
+
+
+def test_fcfs_admits_every_waiting_request_that_fits_in_one_iteration():
+    sched, _ = make(budget=64)
+    for i in range(5):
+        sched.add_request(req(str(i), 4, max_tokens=2))
+    out, _ = run_step(sched)
+    assert [s.request.request_id for s in out.scheduled] == ["0", "1", "2", "3", "4"]
+    assert not sched.waiting

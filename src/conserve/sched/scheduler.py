@@ -85,8 +85,8 @@ class Scheduler:
         out = SchedulerOutput()
         plan = IterationPlan(out, self.config.max_num_batched_tokens)
         if not self.config.has_classes:
-            self._schedule_running(plan, self.running)
-            self._admit(plan, self.waiting)
+            self._schedule_running(plan, list(self.running))  # copies: both lists change as we go
+            self._admit(plan, list(self.waiting))
             return out
         online_running = [r for r in self.running if r.is_online]
         self._schedule_running(plan, sorted(online_running, key=_remaining_tokens))  # decodes first
