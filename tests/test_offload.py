@@ -86,7 +86,7 @@ class Harness:
                 sampled[r.request_id] = token_after(r)
         self.sched.update(out, sampled)
         if self.offload:
-            self.offload.checkpoint([r for r in self.sched.running if not r.is_online], self.sched.evictable())
+            self.offload.checkpoint([r for r in self.sched.running if not r.is_online], self.sched.evictable)
         return out
 
 

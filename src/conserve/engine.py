@@ -208,7 +208,7 @@ class Engine:
             return []
         finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
         if offload is not None:
-            offload.checkpoint([r for r in self.scheduler.running if not r.is_online], self.scheduler.evictable())
+            offload.checkpoint([r for r in self.scheduler.running if not r.is_online], self.scheduler.evictable)
         now = time.monotonic()
         touched: dict[str, None] = {}
         for request_id, token in result.sampled.items():

@@ -74,21 +74,24 @@ def _latency(s: Mapping[str, dict]) -> Target:
 
 
 def _offline(s: Mapping[str, dict]) -> Target:
-    c, n = s["conserve"]["offline_throughput_tok_s"], s["non-preemptive"]["offline_throughput_tok_s"]
-    r = _ratio(c, n)
-    detail = f"{c:.1f} vs {n:.1f} tok/s ({'n/a' if r is None else f'{r:.0%}'})"
-    if r is None:
-        return _target("offline", "not evaluated", "non-preemptive completed no offline work; " + detail)
-    return _target("offline", _verdict(r >= OFFLINE_SHARE), detail, {"ratio": r})
+    return _throughput_ratio(s, "offline", "offline_throughput_tok_s", "non-preemptive", OFFLINE_SHARE, "{:.0%}",
+                             "non-preemptive completed no offline work")
 
 
 def _total(s: Mapping[str, dict]) -> Target:
-    c, o = s["conserve"]["total_throughput_tok_s"], s["online-only"]["total_throughput_tok_s"]
-    r = _ratio(c, o)
-    detail = f"{c:.1f} vs {o:.1f} tok/s ({'n/a' if r is None else f'{r:.2f}x'})"
+    return _throughput_ratio(s, "total", "total_throughput_tok_s", "online-only", TOTAL_GAIN, "{:.2f}x",
+                             "online-only has zero throughput")
+
+
+def _throughput_ratio(s: Mapping[str, dict], name: str, key: str, baseline: str, at_least: float, fmt: str,
+                      why_none: str) -> Target:
+    """conserve's `key` over the baseline system's, which must reach at_least."""
+    c, b = s["conserve"][key], s[baseline][key]
+    r = _ratio(c, b)
+    detail = f"{c:.1f} vs {b:.1f} tok/s ({'n/a' if r is None else fmt.format(r)})"
     if r is None:
-        return _target("total", "not evaluated", "online-only has zero throughput; " + detail)
-    return _target("total", _verdict(r >= TOTAL_GAIN), detail, {"ratio": r})
+        return _target(name, "not evaluated", f"{why_none}; " + detail)
+    return _target(name, _verdict(r >= at_least), detail, {"ratio": r})
 
 
 def _vs_vllm(s: Mapping[str, dict]) -> Target:

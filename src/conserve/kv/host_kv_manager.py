@@ -8,7 +8,7 @@ checkpoints of preempted requests are dropped, oldest first; those requests reco
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from conserve.kv.block_pool import BlockPool
 from conserve.kv.kv_manager import blocks_needed
@@ -26,15 +26,15 @@ class HostKVManager:
     def block_table(self, request: Request) -> list[int]:
         return self.tables.get(request.request_id, [])
 
-    def reserve(self, request: Request, num_tokens: int, evictable: Iterable[Request]) -> bool:
+    def reserve(self, request: Request, num_tokens: int, evictable: Callable[[], Iterable[Request]]) -> bool:
         """Grow the request's host table to hold num_tokens, dropping the oldest evictable checkpoints
-        if needed. False if it still does not fit."""
+        if needed (evictable() is only asked when the pool is full). False if it still does not fit."""
         table = self.tables.get(request.request_id, [])
         need = blocks_needed(num_tokens, self.block_size) - len(table)
         if need <= 0:
             return True
         if need > self.pool.num_free:
-            victims = sorted((r for r in evictable if r is not request and r.request_id in self.tables),
+            victims = sorted((r for r in evictable() if r is not request and r.request_id in self.tables),
                              key=lambda r: self._started[r.request_id])
             for victim in victims:
                 if need <= self.pool.num_free:

@@ -11,7 +11,7 @@ done by a torch `Copier`, handed in).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from conserve.kv.copy_job import CopyJob, Segment
@@ -41,11 +41,10 @@ class Offloader:
         self._in_flight: list[CopyJob] = []
 
     # -- copies out ----------------------------------------------------------------------------
-    def checkpoint(self, requests: Iterable[Request], evictable: Iterable[Request]) -> None:
+    def checkpoint(self, requests: Iterable[Request], evictable: Callable[[], Iterable[Request]]) -> None:
         """After a committed iteration: copy these requests' KV committed since their last checkpoint."""
         if self.mode != "checkpoint":
             return
-        evictable = list(evictable)
         segments = []
         for r in requests:
             start, end = r.num_checkpoint_issued, r.num_computed_tokens
@@ -58,13 +57,13 @@ class Offloader:
         if segments:
             self._submit(CopyJob("checkpoint", segments))
 
-    def on_preempt(self, request: Request, evictable: Iterable[Request]) -> None:
+    def on_preempt(self, request: Request, evictable: Callable[[], Iterable[Request]]) -> None:
         """Before the request's device blocks are freed. Copies still in flight complete first (they
         hold their blocks); swap copies everything now and waits."""
         request.prefetch_job = None  # an unfinished prefetch is abandoned (its blocks stay held)
         if self.mode == "swap":
             start, end = request.num_checkpoint_issued, request.num_computed_tokens
-            if end > start and self.host.reserve(request, end, list(evictable)):
+            if end > start and self.host.reserve(request, end, evictable):
                 job = CopyJob("checkpoint", [self._segment(request, start, end)])
                 request.num_checkpoint_issued = end
                 self._submit(job)

@@ -137,10 +137,11 @@ class Scheduler:
     def _resume(self, plan: IterationPlan, request: Request) -> bool:
         """Bring a checkpointed request back: device blocks for its checkpoint, filled by a prefetch;
         it computes from the next iteration on, once the copy is in."""
-        if not self._allocate(plan, request, self._resumable(request)):
+        num_tokens = self._resumable(request)
+        if not self._allocate(plan, request, num_tokens):
             return False
         self._start_running(request)
-        plan.out.prefetch.append((request, self._resumable(request)))
+        plan.out.prefetch.append((request, num_tokens))
         return True
 
     def _start_running(self, request: Request) -> None:
@@ -215,7 +216,7 @@ class Scheduler:
         self.running.remove(request)
         kept = 0
         if self.offload is not None and not request.is_online:
-            self.offload.on_preempt(request, self.evictable())
+            self.offload.on_preempt(request, self.evictable)
             kept = self.offload.resumable_tokens(request)
         self.kv.free(request)  # copies still in flight hold their own references to these blocks
         self.num_preemptions += 1
