@@ -269,3 +269,68 @@ def test_priority_preempts_the_lowest_class_latest_arrival():
         preempted += [r.request_id for r in out.preempted]
     assert preempted and "on" not in preempted
     assert on.output_token_ids == alone(30, 30, "on")
+
+
+def test_stoppable_offline_iterations_are_sized_for_throughput_not_a_clock():
+    # Linear cost: bigger is always more efficient. With layer-wise stops an arrival never waits for a
+    # whole iteration, so offline-only iterations fill the token budget, far past max_iteration_s.
+    sched, _ = make(max_num_batched_tokens=2048, stoppable_offline=True)
+    for i in range(8):
+        sched.add_request(req(f"off{i}", 1000, 4, OFFLINE))
+    out, _ = step(sched)
+    assert out.num_tokens == 2048
+    assert MODEL.predict(out.shape) > 4 * sched.config.max_iteration_s
+
+
+def test_frozen_requests_are_not_scheduled_and_leaving_breaks_the_suspension():
+    sched, _ = make(stoppable_offline=True)
+    a, b = req("a", 40, 5, OFFLINE), req("b", 40, 5, OFFLINE)
+    sched.add_request(a)
+    sched.add_request(b)
+    out, _ = step(sched)
+    assert {s.request.request_id for s in out.scheduled} == {"a", "b"}
+    sched.freeze([a])
+    out = sched.schedule()  # planned, not committed: b runs alone while a's iteration is suspended
+    assert [s.request.request_id for s in out.scheduled] == ["b"]
+    sched.update(out, {})
+    assert not sched.suspension_broken
+    sched.finish_request("a", RequestStatus.FINISHED_ABORTED)
+    assert sched.suspension_broken and not sched.frozen
+
+
+def test_memory_victims_spare_a_suspended_iteration_while_others_can_give_blocks():
+    sched, kv = make(blocks=40, block_size=4)
+    frozen, other = req("frozen", 60, 50, OFFLINE), req("other", 20, 50, OFFLINE)
+    sched.add_request(frozen)
+    sched.add_request(other)
+    step(sched)
+    sched.freeze([frozen])
+    sched.add_request(req("on", 90, 2))  # 23 blocks: the 20 free ones and some of other's 5
+    out = sched.schedule()
+    assert [r.request_id for r in out.preempted] == ["other"]
+    assert not sched.suspension_broken
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_admitted_offline_work_finishes_within_a_bound_under_any_online_load_below_capacity(seed):
+    """The progress guarantee: whatever the online arrivals, an admitted offline request advances at
+    least one token every starvation_iterations iterations, so W tokens of work finish within
+    W * starvation_iterations iterations. Online load here ranges from light to nearly saturating
+    bursts, with idle gaps of random length."""
+    rng = random.Random(seed)
+    k = 4
+    sched, _ = make(starvation_iterations=k, stoppable_offline=True)
+    off = req("off", 30, 20, OFFLINE)
+    sched.add_request(off)
+    bound = (30 + 20) * k
+    n_online = 0
+    for iteration in range(bound):
+        if rng.random() < rng.choice((0.05, 0.3, 0.9)):  # arrivals: a few decoders or a burst of them
+            for _ in range(rng.randint(1, 60)):
+                sched.add_request(req(f"on{n_online}", rng.randint(4, 200), rng.randint(1, 40)))
+                n_online += 1
+        step(sched)
+        if off.is_finished:
+            break
+    assert off.is_finished, f"offline request not done after {bound} iterations"
+    assert off.output_token_ids == alone(30, 20, "off")

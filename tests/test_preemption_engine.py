@@ -1,5 +1,7 @@
 """Offline requests through heavy preempt/resume churn on the real default model, in every combination
-of --preemption and --offline-kv: greedy float32 outputs equal those of the same requests undisturbed."""
+of --preemption and --offline-kv: greedy float32 outputs equal those of the same requests undisturbed.
+With --preemption layer, stopped iterations are suspended and resume from the layer they stopped at
+(beside online iterations, in their slack), while memory preemption may break a suspension."""
 
 import os
 
@@ -39,13 +41,43 @@ def undisturbed():
 
 
 @pytest.mark.parametrize("offline_kv", ["checkpoint", "swap", "recompute"])
-@pytest.mark.parametrize("preemption", ["layer", "iteration"])
+@pytest.mark.parametrize("preemption", ["layer", "layer-restart", "iteration"])
 def test_churn_leaves_outputs_exact(undisturbed, preemption, offline_kv):
+    engine, outputs, offline = run_with_arrivals(preemption, offline_kv, num_kv_blocks=16, every=4)
+    assert outputs == undisturbed
+    assert sum(r.num_preemptions for r in offline.values()) >= 2  # memory churn happened
+    if preemption != "iteration":
+        assert engine.preemption.num_preemptions >= 1  # some iterations stopped between layers
+    if preemption != "layer":
+        assert engine.stats.resumed == 0
+    if preemption == "iteration":
+        assert engine.preemption.num_preemptions == 0
+    if offline_kv != "recompute":
+        assert engine.offload.stats.bytes_prefetched > 0
+        engine.offload.wait_all()
+        assert engine.offload.host.pool.num_free == engine.offload.host.pool.num_blocks
+    assert engine.kv_manager.num_free_blocks == 16
+
+
+def test_stopped_iterations_resume_where_they_stopped(undisturbed):
+    # Memory to spare (no suspension is broken by a memory preemption); online requests arrive while
+    # offline-only iterations run, stop them, and the suspended iterations finish later from the
+    # layer they stopped at, beside online work or alone.
+    short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)  # online work comes and goes
+    engine, outputs, _ = run_with_arrivals("layer", "recompute", num_kv_blocks=64, every=4, online_params=short)
+    assert {rid: outputs[rid] for rid in OFFLINE} == {rid: undisturbed[rid] for rid in OFFLINE}
+    assert engine.preemption.num_preemptions >= 2
+    assert engine.stats.resumed >= 2
+    assert engine.stats.layers_discarded == 0
+    assert not engine.scheduler.frozen and engine.kv_manager.num_free_blocks == 64
+
+
+def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_params=GREEDY):
     # 16 blocks of 16 tokens = 256 token slots: four 70-token offline prompts growing to 86 tokens and
     # 30-token online arrivals cannot all stay resident. slo_ttft_ms=1: every online arrival during an
     # offline-only iteration is worth a layer-wise stop.
-    config = EngineConfig(dtype="float32", device=DEVICE, num_kv_blocks=16, slo_tbt_ms=60, slo_ttft_ms=1, max_iteration_ms=150,
-                          preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05, safepoint_every=3)
+    config = EngineConfig(dtype="float32", device=DEVICE, num_kv_blocks=num_kv_blocks, slo_tbt_ms=60, slo_ttft_ms=1,
+                          max_iteration_ms=150, preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05, safepoint_every=3)
     engine = Engine(config, latency_model=rough_latency_model())
     if offline_kv == "checkpoint" and DEVICE == "cpu":
         engine.copier.delay_s = 0.03  # a slow copier: blocks must wait for their copies
@@ -57,28 +89,18 @@ def test_churn_leaves_outputs_exact(undisturbed, preemption, offline_kv):
     step = 0
     while engine.has_unfinished_requests() or pending:
         seen = engine.preemption.arrivals
-        if pending and step % 4 == 3:
+        if pending and step % every == every - 1:
             # An online arrival while the next iteration runs (as the server's front end reports it).
             rid = pending.pop(0)
             engine.preemption.online_arrival(len(ONLINE[rid]))
             for o in engine.step(seen):
                 if o.finished:
                     outputs[o.request_id] = o.outputs[0].token_ids
-            engine.add_request(rid, ONLINE[rid], GREEDY, RequestClass.ONLINE)
+            engine.add_request(rid, ONLINE[rid], online_params, RequestClass.ONLINE)
         else:
             for o in engine.step(seen):
                 if o.finished:
                     outputs[o.request_id] = o.outputs[0].token_ids
         step += 1
         assert step < 2000
-    assert outputs == undisturbed
-    assert sum(r.num_preemptions for r in offline.values()) >= 2  # memory churn happened
-    if preemption == "layer":
-        assert engine.preemption.num_preemptions >= 1  # some iterations stopped between layers
-    else:
-        assert engine.preemption.num_preemptions == 0
-    if offline_kv != "recompute":
-        assert engine.offload.stats.bytes_prefetched > 0
-        engine.offload.wait_all()
-        assert engine.offload.host.pool.num_free == engine.offload.host.pool.num_blocks
-    assert engine.kv_manager.num_free_blocks == 16
+    return engine, outputs, offline

@@ -40,13 +40,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "are planned to stay under it")
     s.add_argument("--token-budget", type=int, default=256, help="tokens per iteration for --scheduler sarathi")
     s.add_argument("--max-iteration-ms", type=float, default=500.0,
-                   help="longest iteration the conserve scheduler plans when no online request runs")
+                   help="longest iteration the conserve scheduler plans when no online request runs, "
+                        "unless --preemption layer (then offline iterations are sized for throughput "
+                        "from the latency model and an online arrival stops them at the next layer)")
     s.add_argument("--latency-model", default=None,
                    help="latency model JSON from `conserve profile` (default: the cached fit for this "
                         "model, dtype, device and thread count; profiled on first start if missing)")
-    s.add_argument("--preemption", default="layer", choices=["layer", "iteration"],
+    s.add_argument("--preemption", default="layer", choices=["layer", "layer-restart", "iteration"],
                    help="layer: an online arrival stops an offline-only iteration at the next safepoint "
-                        "between layers; iteration: it waits for the iteration to end")
+                        "between layers, and it resumes from there later; layer-restart: it stops and is "
+                        "computed again later; iteration: it waits for the iteration to end")
     s.add_argument("--safepoint-every", type=int, default=1, help="layers between preemption safepoints")
     s.add_argument("--offline-kv", default="checkpoint", choices=["checkpoint", "swap", "recompute"],
                    help="what preempting an offline request costs: checkpoint copies its KV to host memory "

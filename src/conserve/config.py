@@ -32,7 +32,9 @@ class EngineConfig:
     latency_model: str | None = None  # a `conserve profile` JSON; None: the cache, else profile now
     latency_cache_dir: str = str(Path.home() / ".cache/conserve/latency")
     # Preemption and the host KV tier.
-    preemption: str = "layer"  # "layer": offline-only iterations stop at safepoints; "iteration"
+    # "layer": offline-only iterations stop at safepoints and later resume from there; "layer-restart":
+    # they stop and are computed again; "iteration": they always run to the end.
+    preemption: str = "layer"
     safepoint_every: int = 1  # layers between safepoint checks
     offline_kv: str = "checkpoint"  # checkpoint | swap | recompute
     host_kv_cache_gb: float = 2.0
@@ -64,4 +66,5 @@ class EngineConfig:
         return SchedulerConfig(policy=self.scheduler, max_num_batched_tokens=self.max_num_batched_tokens,
                                max_num_seqs=self.max_num_seqs, max_model_len=max_model_len,
                                token_budget=self.token_budget, slo_ttft_s=self.slo_ttft_ms / 1000,
-                               slo_tbt_s=self.slo_tbt_ms / 1000, max_iteration_s=self.max_iteration_ms / 1000)
+                               slo_tbt_s=self.slo_tbt_ms / 1000, max_iteration_s=self.max_iteration_ms / 1000,
+                               stoppable_offline=self.preemption == "layer" and self.scheduler == "conserve")

@@ -23,10 +23,12 @@ from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.preemption import LayerPreemption
 from conserve.request import Request, RequestClass, RequestStatus
-from conserve.runner import ModelRunner
+from conserve.runner import ModelRunner, RunnerOutput, Suspended
 from conserve.sampling_params import SamplingParams
 from conserve.sched.latency_model import LatencyModel
+from conserve.sched.output import SchedulerOutput
 from conserve.sched.scheduler import Scheduler
+from conserve.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,13 @@ class Engine:
         sched_config = config.scheduler_config(self.max_model_len)
         self.scheduler = Scheduler(sched_config, self.kv_manager, latency_model, self.offload)
         # Layer-wise preemption is the co-serving scheduler's: other policies stop at iteration ends.
-        self.preemption = LayerPreemption(sched_config, latency_model, config.safepoint_every)
-        self._layer_preemption = config.preemption == "layer" and config.scheduler == "conserve"
+        self.preemption = LayerPreemption(sched_config, latency_model, config.safepoint_every,
+                                          keeps_work=config.preemption == "layer")
+        self._layer_preemption = config.preemption != "iteration" and config.scheduler == "conserve"
+        # An offline iteration stopped between layers, kept to resume (preemption "layer").
+        self._suspended: tuple[SchedulerOutput, Suspended] | None = None
+        self._suspended_waits = 0  # steps since it last progressed
+        self.stats = EngineStats()
         self._tracked: dict[str, _Tracked] = {}
         self._parents: dict[str, _Parent] = {}
         self._ids = itertools.count()
@@ -189,23 +196,109 @@ class Engine:
         if offload is not None:
             offload.poll()
         seen = self.preemption.arrivals if arrivals_seen is None else arrivals_seen
+        if self._suspended is not None:
+            if self.scheduler.suspension_broken:  # one of its requests left: its work is lost
+                self._drop_suspended()
+            elif not self.scheduler.has_online_work():
+                return self._resume(seen)
         sched_out = self.scheduler.schedule()
         for request, num_tokens in sched_out.prefetch:
             offload.prefetch(request, num_tokens)
         if not sched_out.scheduled:
+            if self._suspended is not None:
+                return self._resume(seen)
             if offload is not None and offload.num_in_flight:
                 offload.wait_oldest()  # nothing to compute until a prefetch lands
             return []
         safepoint = None
-        if self._layer_preemption and not any(s.request.is_online for s in sched_out.scheduled):
-            predicted = self.latency_model.predict(sched_out.shape) if self.latency_model else None
-            safepoint = self.preemption.safepoint(seen, time.monotonic(), predicted)
+        offline_only = not any(s.request.is_online for s in sched_out.scheduled)
+        if self._layer_preemption and offline_only and self._suspended is None:
+            safepoint = self._safepoint(seen, sched_out.shape, self.runner.num_layers)
         result = self.runner.execute(sched_out, safepoint)
         if result.stopped_at_layer is not None:
-            # Nothing is committed: token counts stay, and the KV written for these positions is
-            # overwritten when they are computed again.
-            self.preemption.stopped()
+            self._stopped(sched_out, result, time.perf_counter() - step_started)
             return []
+        outputs = self._commit(sched_out, result)
+        seconds = time.perf_counter() - step_started
+        self.stats.on_iteration(sched_out, seconds)
+        if self.latency_model is not None:
+            # The whole step (planning, model, outputs) is what an online request feels between tokens.
+            self.latency_model.observe(sched_out.shape, seconds)
+        if self._suspended is not None:
+            outputs += self._resume_in_slack(step_started)
+        return outputs
+
+    def _safepoint(self, seen: int, shape, layers_left: int):
+        predicted = None
+        if self.latency_model is not None:
+            predicted = self.latency_model.predict(shape) * layers_left / self.runner.num_layers
+        return self.preemption.safepoint(seen, time.monotonic(), predicted)
+
+    def _stopped(self, sched_out: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
+        """A safepoint stopped an offline-only iteration. With preemption "layer" it is suspended: its
+        requests are frozen and it resumes from the next layer; with "layer-restart" nothing is
+        committed and the KV written for these positions is overwritten when they are redone."""
+        self.preemption.stopped()
+        self.stats.on_partial(seconds)
+        if self.config.preemption == "layer":
+            if self._suspended is None:
+                self.scheduler.freeze([s.request for s in sched_out.scheduled])
+            self._suspended = (sched_out, result.suspended)
+            self._suspended_waits = 0
+        else:
+            self.stats.layers_discarded += result.stopped_at_layer + 1
+
+    def _resume(self, seen: int) -> list[RequestOutput]:
+        """Run the suspended iteration to its end, stoppable again at its safepoints."""
+        sched_out, suspended = self._suspended
+        started = time.perf_counter()
+        layers_left = self.runner.num_layers - suspended.next_layer
+        safepoint = self._safepoint(seen, sched_out.shape, layers_left) if self._layer_preemption else None
+        result = self.runner.resume(suspended, safepoint)
+        if result.stopped_at_layer is not None:
+            self._stopped(sched_out, result, time.perf_counter() - started)
+            return []
+        self.stats.on_partial(time.perf_counter() - started)
+        return self._finish_suspended(sched_out, result)
+
+    def _resume_in_slack(self, step_started: float) -> list[RequestOutput]:
+        """Beside online work: run as many of the suspended iteration's layers as the online
+        iteration left room for under the TBT objective (one, once in starvation_iterations steps,
+        if none fit), so it progresses under any online load."""
+        sched_out, suspended = self._suspended
+        layers = self.runner.num_layers
+        per_layer = self.latency_model.predict(sched_out.shape) / layers if self.latency_model else 0.0
+        slack = self.scheduler.config.tbt_limit_s - (time.perf_counter() - step_started)
+        n = int(slack / per_layer) if per_layer > 0 else layers
+        self._suspended_waits += 1
+        if n < 1:
+            if self._suspended_waits < self.scheduler.config.starvation_iterations:
+                return []
+            n = 1
+        self._suspended_waits = 0
+        started = time.perf_counter()
+        result = self.runner.resume(suspended, None, max_layers=n)
+        self.stats.on_partial(time.perf_counter() - started)
+        if result.stopped_at_layer is not None:
+            return []
+        return self._finish_suspended(sched_out, result)
+
+    def _finish_suspended(self, sched_out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        self._suspended = None
+        self.scheduler.thaw()
+        self.stats.resumed += 1
+        self.stats.on_tokens(sched_out)
+        return self._commit(sched_out, result)
+
+    def _drop_suspended(self) -> None:
+        _, suspended = self._suspended
+        self.stats.layers_discarded += suspended.next_layer
+        self._suspended = None
+        self.scheduler.thaw()
+
+    def _commit(self, sched_out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Advance the scheduled requests by the executed iteration and build their outputs."""
+        offload = self.offload
         finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
         if offload is not None:
             offload.checkpoint([r for r in self.scheduler.running if not r.is_online], self.scheduler.evictable)
@@ -219,11 +312,7 @@ class Engine:
             if request_id in finished or tracked.request.is_finished:
                 tracked.detokenizer.flush()
             touched[tracked.parent_id] = None
-        outputs = [self._parent_output(p) for p in touched]
-        if self.latency_model is not None:
-            # The whole step (planning, model, outputs) is what an online request feels between tokens.
-            self.latency_model.observe(sched_out.shape, time.perf_counter() - step_started)
-        return outputs
+        return [self._parent_output(p) for p in touched]
 
     def settle(self) -> None:
         """When idle: let copies in flight land, so every block they held is free again."""

@@ -6,7 +6,9 @@ checks, in microseconds, whether an online request arrived after the iteration w
 then does it ask the latency model whether waiting for the iteration to end would break the new
 request's objectives: the rest of the iteration plus its prefill past the TTFT objective, or the
 rest alone past the TBT objective (an online request should not wait on offline work longer than
-an online iteration would hold it). A stopped iteration commits nothing (see Engine.step).
+an online iteration would hold it). That question matters only when a stop throws the iteration's
+work away ("layer-restart"); a suspended iteration resumes where it stopped ("layer", see
+Engine._stopped), so then every arrival stops it.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ from collections.abc import Callable
 from conserve.sched.config import SchedulerConfig
 from conserve.sched.latency_model import LatencyModel, prefill_chunk
 
-PREEMPTION_MODES = ("layer", "iteration")
+# layer: stop at a safepoint and resume from the next layer later (nothing computed is lost);
+# layer-restart: stop and compute the iteration again later; iteration: never stop mid-iteration.
+PREEMPTION_MODES = ("layer", "layer-restart", "iteration")
 
 
 class LayerPreemption:
-    def __init__(self, config: SchedulerConfig, latency_model: LatencyModel | None, every: int = 1) -> None:
+    def __init__(self, config: SchedulerConfig, latency_model: LatencyModel | None, every: int = 1,
+                 keeps_work: bool = True) -> None:
         if every < 1:
             raise ValueError(f"safepoint_every must be >= 1, got {every}")
         self.config = config
         self.latency_model = latency_model
         self.every = every
+        self.keeps_work = keeps_work  # a stop loses nothing: always worth it
         self.arrivals = 0  # online arrivals so far (written by the front end only)
         self._last_arrival = (0.0, 0)  # (monotonic time, prompt tokens) of the latest one
         self.num_preemptions = 0
@@ -49,7 +55,7 @@ class LayerPreemption:
         return check
 
     def _worth_stopping(self, started: float, predicted_s: float | None) -> bool:
-        if self.latency_model is None or predicted_s is None:
+        if self.keeps_work or self.latency_model is None or predicted_s is None:
             return True
         remaining = predicted_s - (time.monotonic() - started)
         _, prompt = self._last_arrival

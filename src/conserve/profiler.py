@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from conserve.engine import Engine
+from conserve.machine import machine_key
 from conserve.request import Request
 from conserve.sampling_params import SamplingParams
 from conserve.sched.latency_model import LatencyModel, Sample, median
@@ -26,8 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str) -> Path:
-    """One fit per model, dtype, device and thread count: each changes the timings."""
-    name = f"{model_name}-{str(dtype).removeprefix('torch.')}-{device}-{torch.get_num_threads()}t.json"
+    """One fit per model, dtype, device, thread count and machine (CPU model and ISA, or GPU name):
+    each changes the timings, and a fit from another CPU must never be reused."""
+    where = machine_key()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        where = torch.cuda.get_device_name(torch.device(device)).replace(" ", "_")
+    name = f"{model_name}-{str(dtype).removeprefix('torch.')}-{device}-{torch.get_num_threads()}t-{where}.json"
     return cache_dir / name
 
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conserve.model.attention import AttentionMetadata, KVCache, PrefillChunk
-from conserve.model.llama import LlamaModel
+from conserve.model.llama import ForwardState, LlamaModel
 from conserve.outputs import TokenLogprobs
 from conserve.request import Request
 from conserve.sampler import SamplingRow, sample
@@ -17,10 +17,25 @@ from conserve.sched.output import ScheduledRequest, SchedulerOutput
 
 
 @dataclass
+class Suspended:
+    """An iteration stopped between layers: its forward state and the batch it was built for. Valid
+    while none of its requests' blocks change hands (the scheduler freezes those requests)."""
+
+    state: ForwardState
+    meta: AttentionMetadata
+    sample_rows: list[tuple[int, Request]]
+
+    @property
+    def next_layer(self) -> int:
+        return self.state.next_layer
+
+
+@dataclass
 class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    stopped_at_layer: int | None = None  # set when a safepoint stopped the iteration
+    stopped_at_layer: int | None = None  # set when a safepoint (or a layer limit) stopped the iteration
+    suspended: Suspended | None = None  # with stopped_at_layer: what resume() continues from
 
 
 class ModelRunner:
@@ -32,13 +47,25 @@ class ModelRunner:
         # Unseeded requests draw their generator seeds from here: reproducible per engine seed.
         self._seeds = torch.Generator().manual_seed(seed)
 
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_layers
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, safepoint: Callable[[int], bool] | None = None) -> RunnerOutput:
         ordered = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
         input_ids, positions, meta, sample_rows = self._prepare(ordered)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv, safepoint)
-        if isinstance(hidden, int):
-            return RunnerOutput(stopped_at_layer=hidden)
+        suspended = Suspended(self.model.begin(input_ids, positions), meta, sample_rows)
+        return self.resume(suspended, safepoint)
+
+    @torch.inference_mode()
+    def resume(self, suspended: Suspended, safepoint: Callable[[int], bool] | None = None,
+               max_layers: int | None = None) -> RunnerOutput:
+        """Run a suspended iteration on from its next layer (at most max_layers of them); sample when
+        the last layer has run, else report where it stopped."""
+        if not self.model.run_layers(suspended.state, suspended.meta, self.kv, safepoint, max_layers):
+            return RunnerOutput(stopped_at_layer=suspended.next_layer - 1, suspended=suspended)
+        hidden, sample_rows = suspended.state.hidden, suspended.sample_rows
         if not sample_rows:
             return RunnerOutput()
         rows, requests = zip(*sample_rows)

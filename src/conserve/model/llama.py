@@ -53,6 +53,16 @@ class LayerWeights:
     post_norm_f32: torch.Tensor | None = None
 
 
+@dataclass
+class ForwardState:
+    """A forward pass between layers: what a stopped iteration keeps to resume where it stopped."""
+
+    hidden: torch.Tensor  # [T, hidden] float32 residual stream after layer next_layer - 1
+    cos: torch.Tensor
+    sin: torch.Tensor
+    next_layer: int = 0
+
+
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
@@ -186,16 +196,32 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache, safepoint: Callable[[int], bool] | None = None) -> torch.Tensor | int:
         """Returns hidden states [T, hidden], or the index of the layer after which it stopped."""
-        c = self.config
-        eps = c.rms_norm_eps
-        t = input_ids.shape[0]
+        state = self.begin(input_ids, positions)
+        if not self.run_layers(state, meta, kv, safepoint):
+            return state.next_layer - 1
+        return state.hidden
+
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ForwardState:
+        """The state before layer 0: embeddings and the rotary tables of these positions."""
         cos, sin = self.rotary.tables(positions, self.dtype)
         # The residual stream stays in float32: 60 bfloat16 additions would lose the small updates
         # that decide close calls between tokens. Only the matmul inputs are cast down.
-        h = F.embedding(input_ids, self.embed).float()
+        return ForwardState(F.embedding(input_ids, self.embed).float(), cos, sin)
+
+    def run_layers(self, state: ForwardState, meta: AttentionMetadata, kv: KVCache,
+                   safepoint: Callable[[int], bool] | None = None, max_layers: int | None = None) -> bool:
+        """Run layers from state.next_layer on, advancing the state in place. Stops early when the
+        safepoint says so (checked after each layer but the last) or after max_layers layers.
+        Returns whether the last layer has run."""
+        c = self.config
+        eps = c.rms_norm_eps
+        h, cos, sin = state.hidden, state.cos, state.sin
+        t = h.shape[0]
         dt = self.dtype
         small = t <= INT4_MAX_TOKENS
-        for i, w in enumerate(self.layers):
+        end = c.num_layers if max_layers is None else min(c.num_layers, state.next_layer + max_layers)
+        for i in range(state.next_layer, end):
+            w = self.layers[i]
             q4 = w.int4 if small else {}
             x = F.rms_norm(h, (c.hidden_size,), w.input_norm_f32, eps).to(dt)
             qkv = _linear(x, w.qkv, q4.get("qkv"), w.qkv_bias)
@@ -207,9 +233,10 @@ class LlamaModel:
             x = F.rms_norm(h, (c.hidden_size,), w.post_norm_f32, eps).to(dt)
             gate, up = _linear(x, w.gate_up, q4.get("gate_up")).chunk(2, dim=-1)
             h = h + _linear(F.silu(gate) * up, w.down, q4.get("down"))
+            state.hidden, state.next_layer = h, i + 1
             if safepoint is not None and i + 1 < c.num_layers and safepoint(i):
-                return i
-        return h
+                return False
+        return state.next_layer == c.num_layers
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] rows that sample. Returns float32 logits [N, vocab]."""

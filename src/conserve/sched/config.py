@@ -22,6 +22,9 @@ class SchedulerConfig:
     slo_tbt_s: float = 0.1
     tbt_margin: float = 0.1  # fraction of the TBT objective kept back for the model's error
     max_iteration_s: float = 0.5  # longest iteration without online work (bounds an arrival's wait)
+    # Offline-only iterations stop at layer safepoints when online work arrives (and keep their work):
+    # they are then sized for throughput alone, not capped by max_iteration_s.
+    stoppable_offline: bool = False
     starvation_iterations: int = 8  # offline runs at least once in this many iterations
     min_chunk: int = 16  # smallest prefill chunk forced through when nothing else fits
 

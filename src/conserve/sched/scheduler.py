@@ -44,6 +44,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._iterations_without_offline = 0
+        # Requests of an iteration stopped between layers (Engine keeps its state): they are not
+        # scheduled until it resumes, and leave it only by breaking it (preemption, abort).
+        self.frozen: set[str] = set()
+        self.suspension_broken = False
 
     # -- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -65,6 +69,7 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self._leave_suspension(request)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         else:
@@ -79,6 +84,25 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_online_work(self) -> bool:
+        return any(r.is_online for r in self.requests.values())
+
+    # -- a suspended iteration -----------------------------------------------------------------
+    def freeze(self, requests: list[Request]) -> None:
+        """Hold these requests out of scheduling while their stopped iteration is suspended."""
+        self.frozen = {r.request_id for r in requests}
+        self.suspension_broken = False
+
+    def thaw(self) -> None:
+        self.frozen = set()
+        self.suspension_broken = False
+
+    def _leave_suspension(self, request: Request) -> None:
+        # Its blocks may be handed to others: the suspended iteration must not write into them.
+        if request.request_id in self.frozen:
+            self.frozen = set()
+            self.suspension_broken = True
 
     # -- one iteration -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -103,8 +127,9 @@ class Scheduler:
 
     def _schedule_running(self, plan: IterationPlan, requests: list[Request]) -> None:
         for request in requests:
-            if request.status is not RequestStatus.RUNNING or request.prefetch_job is not None:
-                continue  # preempted earlier in this iteration, or its KV is still coming back
+            if (request.status is not RequestStatus.RUNNING or request.prefetch_job is not None
+                    or request.request_id in self.frozen):
+                continue  # preempted earlier in this iteration, KV still coming back, or suspended
             n = self._num_tokens(plan, request)
             if n == 0:
                 if self.config.policy == "conserve":
@@ -169,7 +194,11 @@ class Scheduler:
             return n
         if plan.has_online:
             return largest_fitting(model, plan.shape, start, remaining, config.tbt_limit_s)
-        largest = largest_fitting(model, plan.shape, start, remaining, config.max_iteration_s)
+        # No online work: the size the latency model says runs most efficiently. With layer-wise
+        # preemption an arrival stops the iteration at the next layer, so no time cap is needed.
+        largest = remaining
+        if not config.stoppable_offline:
+            largest = largest_fitting(model, plan.shape, start, remaining, config.max_iteration_s)
         if plan.shape.tokens == 0 and largest == 0:
             return min(remaining, config.min_chunk)  # an iteration always makes progress
         return best_throughput_chunk(model, plan.shape, start, largest)
@@ -178,7 +207,8 @@ class Scheduler:
         """If offline work was left out starvation_iterations times in a row, run a little of it: as
         much as fits the TBT objective itself (the margin is what it spends), or else one token (the
         one iteration in starvation_iterations that may overshoot, by one token's cost)."""
-        offline = [r for r in self.running if not r.is_online and r.prefetch_job is None]
+        offline = [r for r in self.running if not r.is_online and r.prefetch_job is None
+                   and r.request_id not in self.frozen]
         offline += [r for r in self.waiting if not r.is_online and not self._resumable(r)]
         if plan.num_offline or plan.out.prefetch or not offline:
             self._iterations_without_offline = 0
@@ -204,7 +234,10 @@ class Scheduler:
     def _allocate(self, plan: IterationPlan, request: Request, n: int) -> bool:
         """Give the request blocks for n more tokens, preempting victims if the policy allows."""
         while not self.kv.allocate(request, n):
-            victim = choose_victim(self.config.policy, request, self.running, plan.ids)
+            # A suspended iteration's requests are the last resort: taking one discards its work.
+            victim = choose_victim(self.config.policy, request, self.running, plan.ids | self.frozen)
+            if victim is None and self.frozen:
+                victim = choose_victim(self.config.policy, request, self.running, plan.ids)
             if victim is None:
                 return False
             self._preempt(victim, plan.out)
@@ -214,6 +247,7 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
+        self._leave_suspension(request)
         kept = 0
         if self.offload is not None and not request.is_online:
             self.offload.on_preempt(request, self.evictable)

@@ -47,6 +47,15 @@ class Metrics:
         self.recomputed = Counter("conserve_recomputed_tokens", "Committed tokens lost at preemption and "
                                   "computed again", registry=r)
         self.host_kv_used = Gauge("conserve_host_kv_blocks_used", "Host KV tier blocks in use", registry=r)
+        # The harvest: what offline work gets of the machine (engine.stats).
+        self.computed_tokens = Counter("conserve_computed_tokens", "Token positions computed (prompt and "
+                                       "generated) by committed iterations", cls, registry=r)
+        self.harvest_rate = Gauge("conserve_offline_tokens_per_second", "Offline tokens computed per second "
+                                  "over the last 10 s (the harvest)", registry=r)
+        self.offline_time = Gauge("conserve_offline_time_fraction", "Share of model time spent on offline "
+                                  "work since start", registry=r)
+        self.resumed = Counter("conserve_resumed_iterations", "Offline iterations stopped between layers "
+                               "that resumed where they stopped", registry=r)
         self._seen: dict[str, int] = {}
 
     def on_step(self, engine: Engine, outputs: list, seconds: float | None) -> None:
@@ -63,6 +72,12 @@ class Metrics:
         self._count(self.preemptions.labels("memory"), "memory", sched.num_preemptions)
         self._count(self.preemptions.labels("layer"), "layer", engine.preemption.num_preemptions)
         self._count(self.recomputed, "recomputed", sched.num_tokens_recomputed)
+        stats = engine.stats
+        self._count(self.computed_tokens.labels(RequestClass.ONLINE.value), "online_tokens", stats.online_tokens)
+        self._count(self.computed_tokens.labels(RequestClass.OFFLINE.value), "offline_tokens", stats.offline_tokens)
+        self._count(self.resumed, "resumed", stats.resumed)
+        self.harvest_rate.set(stats.offline_tokens_per_s())
+        self.offline_time.set(stats.offline_time_fraction)
         while engine.preemption.latencies:
             self.preemption_latency.observe(engine.preemption.latencies.popleft())
         if engine.offload is not None:

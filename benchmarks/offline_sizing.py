@@ -1,0 +1,90 @@
+"""Offline-only throughput: the co-serving scheduler's iteration sizing against fixed token budgets.
+
+    python benchmarks/offline_sizing.py [--quick] [--dtype auto] [--output results/offline_sizing.json]
+
+With no online request present, `--scheduler conserve` sizes offline iterations from the latency
+model; `--scheduler priority` runs a fixed budget (`--max-num-batched-tokens`). Two workloads, the
+same token ids for every system: summarisation (1024-token prompts, 32-128 out) and decode-heavy
+(64-token prompts, 128 out). Throughput counts prompt and generated tokens. Each system runs in
+this process in turn, after a warm-up; the report names the CPU and its ISA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from conserve import LLM, SamplingParams
+from conserve.machine import machine_info
+from conserve.request import RequestClass
+
+BUDGETS = (512, 1024, 2048, 4096)
+
+
+def workloads(quick: bool) -> dict[str, list[tuple[list[int], int]]]:
+    """name -> [(prompt token ids, output tokens)], deterministic."""
+    rng = random.Random(0)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(100, 49000) for _ in range(n)]
+
+    n_sum, n_dec = (6, 32) if quick else (16, 64)
+    return {
+        "summarisation": [(ids(1024), (32, 64, 128)[i % 3]) for i in range(n_sum)],
+        "decode-heavy": [(ids(64), 128) for _ in range(n_dec)],
+    }
+
+
+def run(llm: LLM, work: list[tuple[list[int], int]]) -> dict:
+    prompts = [{"prompt_token_ids": p} for p, _ in work]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
+    engine = llm.engine
+    iterations0 = engine.stats.iterations
+    started = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False, request_class=RequestClass.OFFLINE)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(p) for p, _ in work) + sum(len(o.outputs[0].token_ids) for o in outs)
+    result = {"seconds": round(seconds, 3), "tokens": tokens, "tok_s": round(tokens / seconds, 1)}
+    result["iterations"] = engine.stats.iterations - iterations0
+    return result
+
+
+def systems() -> list[tuple[str, dict]]:
+    out = [("conserve (default)", {"scheduler": "conserve"})]
+    out += [(f"priority {b}", {"scheduler": "priority", "max_num_batched_tokens": b}) for b in BUDGETS]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests (about a third of the time)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--output", default="results/offline_sizing.json")
+    args = ap.parse_args()
+    loads = workloads(args.quick)
+    report = {"machine": machine_info(), "dtype": args.dtype, "results": {}}
+    print(f"machine: {report['machine']['cpu']} ({report['machine']['isa']}), {report['machine']['threads']} threads")
+    for name, kwargs in systems():
+        llm = LLM(model=args.model, dtype=args.dtype, **kwargs)
+        run(llm, [(loads["decode-heavy"][0][0], 4)])  # warm-up
+        report["results"][name] = {w: run(llm, work) for w, work in loads.items()}
+        print(name, json.dumps(report["results"][name]), flush=True)
+        del llm
+    best = {w: max(r[w]["tok_s"] for n, r in report["results"].items() if n.startswith("priority")) for w in loads}
+    print(f"\n| system | {' | '.join(f'{w} tok/s (x best fixed)' for w in loads)} |")
+    print("|---|" + "---|" * len(loads))
+    for name, r in report["results"].items():
+        cells = [f"{r[w]['tok_s']} ({r[w]['tok_s'] / best[w]:.2f}x)" for w in loads]
+        print(f"| {name} | {' | '.join(cells)} |")
+    report["best_fixed_tok_s"] = best
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
