@@ -25,7 +25,7 @@ from conserve.preemption import LayerPreemption
 from conserve.request import Request, RequestClass, RequestStatus
 from conserve.runner import ModelRunner, RunnerOutput, Suspended
 from conserve.sampling_params import SamplingParams
-from conserve.sched.latency_model import LatencyModel
+from conserve.sched.latency_model import DRIFT_RATIO, DRIFT_WINDOW, LatencyModel
 from conserve.sched.output import SchedulerOutput
 from conserve.sched.scheduler import Scheduler
 from conserve.stats import EngineStats
@@ -89,6 +89,7 @@ class Engine:
         self._suspended: tuple[SchedulerOutput, Suspended] | None = None
         self._suspended_waits = 0  # steps since it last progressed
         self.stats = EngineStats()
+        self._drift_logged = False
         self._tracked: dict[str, _Tracked] = {}
         self._parents: dict[str, _Parent] = {}
         self._ids = itertools.count()
@@ -223,7 +224,12 @@ class Engine:
         self.stats.on_iteration(sched_out, seconds)
         if self.latency_model is not None:
             # The whole step (planning, model, outputs) is what an online request feels between tokens.
-            self.latency_model.observe(sched_out.shape, seconds)
+            model = self.latency_model
+            if model.observe(sched_out.shape, seconds) and model.drift_refits == 1 and not self._drift_logged:
+                self._drift_logged = True
+                log.warning("live iterations drifted more than %d%% from the latency model for %d iterations "
+                            "in a row: refitted (logged once; `conserve profile` makes a fresh fit)",
+                            100 * DRIFT_RATIO, DRIFT_WINDOW)
         if self._suspended is not None:
             outputs += self._resume_in_slack(step_started)
         return outputs

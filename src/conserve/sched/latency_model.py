@@ -23,6 +23,10 @@ from pathlib import Path
 
 FEATURES = ("1", "P", "P^2", "D", "R", "P*D")
 CORRECTION_RATE = 0.05  # smoothing of the measured/predicted correction: ~20 iterations
+# Live iterations this far off the fit, this many in a row, mean the fit no longer describes the
+# machine (another CPU, other load, another engine build): refit at once rather than wait.
+DRIFT_RATIO = 0.25
+DRIFT_WINDOW = 32
 
 
 @dataclass
@@ -109,6 +113,8 @@ class LatencyModel:
     # Measured / predicted, smoothed over recent iterations: serving costs what profiling did not see
     # (HTTP streaming on the same cores, output handling). Corrects every prediction between refits.
     correction: float = 1.0
+    drift_refits: int = 0  # refits triggered by sustained drift (the engine logs the first)
+    _drifting: int = field(default=0, repr=False)  # consecutive observations off the fit by > DRIFT_RATIO
 
     def predict(self, shape: IterationShape) -> float:
         """Predicted seconds for an iteration of this shape (never below 0)."""
@@ -130,11 +136,17 @@ class LatencyModel:
         self.recent.append(Sample(shape, seconds))
         self.num_observed += 1
         fitted = self._fitted(shape)
+        drifted = False
         if fitted > 0:
             ratio = min(4.0, max(0.25, seconds / fitted))  # one outlier (a GC pause) moves it little
             self.correction += CORRECTION_RATE * (ratio - self.correction)
-        if self.num_observed % refit_every:
+            self._drifting = self._drifting + 1 if abs(ratio - 1) > DRIFT_RATIO else 0
+            drifted = self._drifting >= DRIFT_WINDOW
+        if self.num_observed % refit_every and not drifted:
             return False
+        if drifted:
+            self._drifting = 0
+            self.drift_refits += 1
         samples = self.base + list(self.recent)
         if len(samples) < 2 * len(FEATURES):
             return False
