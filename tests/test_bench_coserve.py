@@ -16,12 +16,14 @@ import httpx
 import pytest
 
 from conserve.bench import coserve as coserve_mod
+from conserve.bench.calibrate import CalibrationError, burst_config, calibration_from
 from conserve.bench.compare import SystemResult, check_targets, format_comparison, format_targets
 from conserve.bench.config import BenchConfig
 from conserve.bench.coserve import CoserveOptions, options_from_args, run_coserve
 from conserve.bench.offline import offline_body
 from conserve.bench.prompts import PromptBuilder
 from conserve.bench.servers import ServerError, ServerProcess, ServerSpec, free_port
+from conserve.bench.sweep import SWEEP_SYSTEMS, expand_sweep, parse_number_list, variant
 from conserve.bench.systems import (
     SYSTEMS,
     CoserveWorkload,
@@ -32,8 +34,10 @@ from conserve.bench.systems import (
     select_systems,
     vllm_launch,
 )
+from conserve.bench.tradeoff import format_tradeoff, tradeoff_points
 from conserve.bench.workload import build_workload
 from conserve.cli import build_parser, main
+from conserve.machine import machine_info
 
 FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
 VLLM_KEYS = ("p99_ttft_ms", "p99_tpot_ms", "p99_itl_ms", "mean_ttft_ms", "median_ttft_ms", "median_itl_ms",
@@ -289,7 +293,9 @@ def test_coserve_over_fake_servers(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "p99 TTFT ms" in captured.out and "Targets:" in captured.out
     assert "[3/6] conserve: starting" in captured.err and "[6/6] vllm-priority: done, ok" in captured.err
-    table = {line.split()[0]: line for line in captured.out.splitlines()[2:8]}
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("Machine: ") and lines[1] == "Online load 4 req/s (fixed: --request-rate)"
+    table = {line.split()[0]: line for line in lines[4:10]}
     assert "failed: server exited with code 3" in table["crash"]
     assert "not run: no vLLM at" in table["vllm-online-only"]
 
@@ -382,3 +388,194 @@ def test_ctrl_c_stops_the_server_and_keeps_results(tmp_path, monkeypatch, capsys
     assert rep["systems"]["online-only"] == rep["systems"]["online-only"] | {"status": "not run",
                                                                               "error": "interrupted"}
     assert "interrupted" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- machine-calibrated load
+
+
+def test_calibration_rate_is_the_fraction_of_the_burst_throughput():
+    res = SystemResult("calibration", "d", "ok", summary={"request_throughput": 2.5, "failed": 1}, log_path="c.log")
+    cal = calibration_from(res, 0.4, 48)
+    assert (cal.capacity_req_s, cal.request_rate, cal.burst_requests, cal.failed) == (2.5, 1.0, 48, 1)
+    assert cal.describe() == ("online load 1.000 req/s = 0.4 x measured capacity 2.500 req/s (online-only, burst of "
+                              "48 online requests, 1 failed)")
+    with pytest.raises(CalibrationError, match="online capacity: online-only failed: boom"):
+        calibration_from(SystemResult("calibration", "d", "failed", "boom"), 0.5, 48)
+
+
+def test_burst_has_the_workload_shapes_all_at_once_without_offline_load():
+    wl = CoserveWorkload(input_len=100, output_len=7, input_len_range_ratio=0.3, seed=5)
+    cfg = burst_config(wl, SYSTEMS["conserve"], "http://h:1", None, 30)
+    assert (cfg.num_prompts, cfg.request_rate, cfg.offline_concurrency) == (30, None, 0)
+    assert (cfg.input_len, cfg.output_len, cfg.input_len_range_ratio, cfg.seed) == (100, 7, 0.3, 5)
+    assert {r.arrival_s for r in build_workload(cfg, PromptBuilder())} == {0.0}
+
+
+def test_load_fraction_options():
+    assert _opts().load_fraction is None and _opts().workload.request_rate == 0.6
+    assert _opts("--load-fraction").load_fraction == 0.5  # the flag alone: half the capacity
+    assert _opts("--load-fraction", "0.7", "--calibration-requests", "9").load_fraction == 0.7
+    assert _opts("--calibration-requests", "9").calibration_requests == 9
+    explicit = _opts("--load-fraction", "0.7", "--request-rate", "1.5")  # an explicit rate wins
+    assert explicit.load_fraction is None and explicit.workload.request_rate == 1.5
+    with pytest.raises(ValueError, match="--load-fraction must be > 0"):
+        run_coserve(_opts("--load-fraction", "0"), [SYSTEMS["conserve"]])
+
+
+CALIBRATED_FLAGS = ("--duration", "2", "--input-len", "8", "--output-len", "4", "--offline-concurrency", "2",
+                    "--offline-input-len", "16", "--offline-output-len", "8", "--calibration-requests", "6")
+
+
+def test_calibrated_run_uses_the_fraction_of_measured_capacity(tmp_path, capsys):
+    out = tmp_path / "r"
+    opts = _opts("--output-dir", str(out), "--load-fraction", "0.05", *CALIBRATED_FLAGS)
+    slow = _fake(tmp_path, "--first-token-ms", "100")  # 6 requests at once take >= 0.1 s: <= 60 req/s
+    systems = [dataclasses.replace(SYSTEMS["online-only"], launch=slow),
+               dataclasses.replace(SYSTEMS["conserve"], launch=slow)]
+    assert run_coserve(opts, systems) == 0
+    captured = capsys.readouterr()
+    rep = json.loads((out / "coserve.json").read_text())
+    cal = rep["machine"]["calibration"]
+    assert 0 < cal["capacity_req_s"] <= 60 and cal["burst_requests"] == 6 and cal["load_fraction"] == 0.05
+    assert cal["request_rate"] == pytest.approx(0.05 * cal["capacity_req_s"])
+    assert cal["log_file"] == str(out / "logs" / "coserve_calibration.log")
+    # the burst: 6 online requests of the workload's output length, after the 2 warm-up ones
+    burst = _bodies(tmp_path / "calibration.jsonl")[2:]
+    assert len(burst) == 6 and {b["max_tokens"] for b in burst} == {4} and not any(b.get("service_tier") for b in burst)
+    # every system ran at the calibrated rate
+    assert rep["workload"]["request_rate"] == cal["request_rate"]
+    for name in ("online-only", "conserve"):
+        report = json.loads((out / f"coserve_{name}.json").read_text())
+        assert report["config"]["request_rate"] == cal["request_rate"]
+        assert report["num_prompts"] == max(1, round(cal["request_rate"] * 2))
+    # the machine is named in the JSON and above the table
+    info = machine_info()
+    assert {k: rep["machine"][k] for k in ("cpu", "isa", "cpus", "key")} == {k: info[k] for k in ("cpu", "isa", "cpus",
+                                                                                                  "key")}
+    lines = captured.out.splitlines()
+    assert lines[0].startswith(f"Machine: {info['cpu']}, ISA {info['isa']}")
+    assert lines[1].startswith(f"Online load {cal['request_rate']:.3f} req/s = 0.05 x measured capacity "
+                               f"{cal['capacity_req_s']:.3f} req/s")
+
+
+def test_failed_calibration_runs_nothing(tmp_path, capsys):
+    launched = []
+
+    def never(system, ctx):
+        launched.append(system.name)
+        raise AssertionError("no system runs without a measured capacity")
+
+    systems = [dataclasses.replace(SYSTEMS["online-only"], launch=_crash),
+               dataclasses.replace(SYSTEMS["conserve"], launch=never)]
+    assert run_coserve(_opts("--output-dir", str(tmp_path / "r"), "--load-fraction", *CALIBRATED_FLAGS), systems) == 1
+    assert not launched and not (tmp_path / "r" / "coserve.json").exists()
+    assert "could not measure the online capacity: online-only failed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- trade-off sweep
+
+
+def test_sweep_variants_and_their_flags(tmp_path):
+    assert parse_number_list("--sweep-slo-tbt-ms", "50, 100,200,50") == [50.0, 100.0, 200.0]
+    for bad in ("", "50,x", "0,100", "-5"):
+        with pytest.raises(ValueError, match="bad --sweep-slo-tbt-ms"):
+            parse_number_list("--sweep-slo-tbt-ms", bad)
+    opts = _opts("--sweep-slo-tbt-ms", "50,100,200")
+    assert opts.sweeping and opts.sweep_slo_tbt_ms == [50, 100, 200] and opts.sweep_token_budgets == [128, 256, 512]
+    assert not _opts().sweeping
+    expanded = expand_sweep(select_systems(",".join(SWEEP_SYSTEMS)), [50.0, 62.5], [128])
+    assert [s.name for s in expanded] == ["online-only", "non-preemptive", "conserve-tbt50", "conserve-tbt62.5",
+                                          "sarathi-budget128", "priority", "vllm-online-only", "vllm-priority"]
+    tbt = expanded[3]
+    assert (tbt.family_name, tbt.knob) == ("conserve", "--slo-tbt-ms 62.5")
+    assert conserve_launch(tbt, _ctx(tmp_path)).argv[10:] == ["--slo-tbt-ms", "62.5"]
+    assert conserve_launch(expanded[4], _ctx(tmp_path)).argv[10:] == ["--scheduler", "sarathi", "--token-budget", "128"]
+    assert (expanded[5].family_name, expanded[5].knob) == ("priority", "")
+
+
+def _run(name: str, summary: dict | None, status: str = "ok") -> tuple[System, SystemResult]:
+    base, _, value = name.partition("-tbt")
+    system = variant(SYSTEMS[base], float(value)) if value else SYSTEMS[name]
+    return system, SystemResult(system.name, "d", status, summary=summary or {})
+
+
+def test_tradeoff_points_from_given_numbers():
+    runs = [_run("online-only", _s(100, 20, 25, 100)), _run("non-preemptive", _s(900, 90, 90, 90, 500)),
+            _run("conserve-tbt50", _s(110, 30, 30, 100, 400)), _run("conserve-tbt200", _s(300, 25, 30, 100, 500)),
+            _run("priority", _s(90, 10, 10, 100, 0)), _run("vllm-online-only", _s(200, 40, 40, 100)),
+            _run("vllm-priority", _s(400, 50, 50, 100, 250)), _run("fcfs", None, "failed")]
+    points = {p.system: p for p in tradeoff_points(runs)}
+    assert list(points) == ["conserve-tbt50", "conserve-tbt200", "priority", "vllm-priority", "fcfs"]
+    c50 = points["conserve-tbt50"]
+    assert (c50.family, c50.knob, c50.latency_reference) == ("conserve", "--slo-tbt-ms 50", "online-only")
+    assert (c50.ttft_ratio, c50.itl_ratio) == (pytest.approx(1.1), pytest.approx(1.5))
+    assert c50.online_p99_ratio == pytest.approx(1.5) and c50.offline_fraction == pytest.approx(0.8)
+    assert c50.total_tok_s == 500
+    assert points["conserve-tbt200"].online_p99_ratio == pytest.approx(3.0)  # TTFT is the worse one here
+    assert points["priority"].online_p99_ratio == pytest.approx(0.9) and points["priority"].offline_fraction == 0
+    vp = points["vllm-priority"]  # measured against vLLM without offline load
+    assert (vp.latency_reference, vp.ttft_ratio, vp.itl_ratio, vp.offline_fraction) == (
+        "vllm-online-only", pytest.approx(2.0), pytest.approx(1.25), pytest.approx(0.5))
+    assert points["fcfs"].status == "failed" and points["fcfs"].online_p99_ratio is None
+    # without vLLM's own reference, conserve's online-only is used; without the bound, no y
+    alone = tradeoff_points([r for r in runs if r[0].name not in ("vllm-online-only", "non-preemptive")])
+    vp = next(p for p in alone if p.system == "vllm-priority")
+    assert (vp.latency_reference, vp.online_p99_ratio, vp.offline_fraction) == ("online-only", pytest.approx(4.0), None)
+
+    table = format_tradeoff(list(points.values())).splitlines()
+    assert table[0] == ("| system | knob | P99 TTFT ratio | P99 ITL ratio | offline fraction of bound | "
+                        "total tok/s |")
+    assert table[2] == "| conserve | --slo-tbt-ms 50 | 1.10x | 1.50x | 80% | 500.0 |"
+    assert table[4] == "| priority | (defaults) | 0.90x | 0.50x | 0% | 100.0 |"
+    assert table[6] == "| fcfs | (defaults) | failed | | | |"
+
+
+def test_sweep_over_fake_servers(tmp_path, capsys):
+    launched: dict[str, tuple[str, ...]] = {}
+    fast = _fake(tmp_path)
+
+    def recording(system, ctx):
+        launched[system.name] = system.server_args
+        return fast(system, ctx)
+
+    out = tmp_path / "r"
+    opts = _opts("--output-dir", str(out), "--vllm-venv", str(tmp_path / "no-venv"), "--sweep-slo-tbt-ms",
+                 "50,100,200", "--sweep-token-budgets", "64,128", "--duration", "0.5", "--request-rate", "8",
+                 "--input-len", "8", "--output-len", "4", "--offline-concurrency", "2", "--offline-input-len", "16",
+                 "--offline-output-len", "8")
+    systems = [s if s.name.startswith("vllm-") else dataclasses.replace(s, launch=recording)
+               for s in select_systems(",".join(SWEEP_SYSTEMS))]
+    assert run_coserve(opts, systems) == 0
+    assert launched == {"online-only": (), "non-preemptive": SYSTEMS["non-preemptive"].server_args,
+                        "conserve-tbt50": ("--slo-tbt-ms", "50"), "conserve-tbt100": ("--slo-tbt-ms", "100"),
+                        "conserve-tbt200": ("--slo-tbt-ms", "200"),
+                        "sarathi-budget64": ("--scheduler", "sarathi", "--token-budget", "64"),
+                        "sarathi-budget128": ("--scheduler", "sarathi", "--token-budget", "128"),
+                        "priority": ("--scheduler", "priority")}
+    captured = capsys.readouterr()
+    rep = json.loads((out / "coserve.json").read_text())
+    assert rep["systems"]["vllm-priority"]["status"] == "not run"
+    points = rep["tradeoff"]["points"]
+    assert [p["system"] for p in points] == ["conserve-tbt50", "conserve-tbt100", "conserve-tbt200",
+                                             "sarathi-budget64", "sarathi-budget128", "priority", "vllm-priority"]
+    # the points in the file are the ones computed from the summaries in the file
+    s = rep["systems"]
+    for p in points[:-1]:
+        ref = s["online-only"]
+        assert p["ttft_ratio"] == pytest.approx(s[p["system"]]["p99_ttft_ms"] / ref["p99_ttft_ms"])
+        assert p["online_p99_ratio"] == max(p["ttft_ratio"], p["itl_ratio"])
+        assert p["offline_fraction"] == pytest.approx(s[p["system"]]["offline_throughput_tok_s"]
+                                                      / s["non-preemptive"]["offline_throughput_tok_s"])
+    assert points[-1]["status"] == "not run" and points[-1]["online_p99_ratio"] is None
+
+    md = (out / "coserve_tradeoff.md").read_text()
+    assert rep["tradeoff"]["table_file"] == str(out / "coserve_tradeoff.md")
+    assert md.startswith("# Co-serving trade-off\n\nMachine: ") and "Online load 8 req/s" in md
+    assert "| conserve | --slo-tbt-ms 200 |" in md and "| sarathi | --token-budget 64 |" in md
+    assert "| vllm-priority | (defaults) | not run |" in md and "| sarathi | --token-budget 64 |" in captured.out
+    png = out / "coserve_tradeoff.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        assert rep["tradeoff"]["plot_file"] is None
+    else:
+        assert rep["tradeoff"]["plot_file"] == str(png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000

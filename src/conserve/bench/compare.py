@@ -53,7 +53,7 @@ def _target(key: str, status: str, detail: str, values: dict[str, float] | None 
     return Target(key, TITLES[key], status, detail, values or {})
 
 
-def _ratio(num: float, den: float) -> float | None:
+def ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
@@ -63,7 +63,7 @@ def _verdict(ok: bool) -> str:
 
 def _latency(s: Mapping[str, dict]) -> Target:
     c, o = s["conserve"], s["online-only"]
-    ratios = {m: _ratio(c[f"p99_{m}_ms"], o[f"p99_{m}_ms"]) for m in ("ttft", "itl", "tpot")}
+    ratios = {m: ratio(c[f"p99_{m}_ms"], o[f"p99_{m}_ms"]) for m in ("ttft", "itl", "tpot")}
     parts = [f"P99 {m.upper()} {c[f'p99_{m}_ms']:.1f} vs {o[f'p99_{m}_ms']:.1f} ms "
              f"({'n/a' if r is None else f'{r:.2f}x'})" for m, r in ratios.items()]
     detail = "; ".join(parts) + " (TPOT shown only)"
@@ -87,7 +87,7 @@ def _throughput_ratio(s: Mapping[str, dict], name: str, key: str, baseline: str,
                       why_none: str) -> Target:
     """conserve's `key` over the baseline system's, which must reach at_least."""
     c, b = s["conserve"][key], s[baseline][key]
-    r = _ratio(c, b)
+    r = ratio(c, b)
     detail = f"{c:.1f} vs {b:.1f} tok/s ({'n/a' if r is None else fmt.format(r)})"
     if r is None:
         return _target(name, "not evaluated", f"{why_none}; " + detail)
@@ -96,7 +96,7 @@ def _throughput_ratio(s: Mapping[str, dict], name: str, key: str, baseline: str,
 
 def _vs_vllm(s: Mapping[str, dict]) -> Target:
     c, v = s["conserve"], s["vllm-priority"]
-    gain = _ratio(v["p99_ttft_ms"], c["p99_ttft_ms"])
+    gain = ratio(v["p99_ttft_ms"], c["p99_ttft_ms"])
     detail = (f"P99 TTFT {c['p99_ttft_ms']:.1f} vs {v['p99_ttft_ms']:.1f} ms "
               f"({'n/a' if gain is None else f'{gain:.2f}x lower'}); total "
               f"{c['total_throughput_tok_s']:.1f} vs {v['total_throughput_tok_s']:.1f} tok/s")

@@ -102,6 +102,14 @@ class System:
     offline: bool = True  # run the offline load beside the online workload
     offline_service_tier: bool = True
     offline_extra_body: dict = field(default_factory=dict)
+    # a sweep variant (sweep.py) records what it varies: conserve-tbt50 has family "conserve" and
+    # knob "--slo-tbt-ms 50"; a system run once keeps both empty
+    family: str = ""
+    knob: str = ""
+
+    @property
+    def family_name(self) -> str:
+        return self.family or self.name
 
 
 def _conserve(name: str, description: str, *args: str, offline: bool = True) -> System:
