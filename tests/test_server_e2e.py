@@ -120,5 +120,11 @@ def test_metrics_report_classes(server, client, model):
     assert "conserve_time_to_first_token_seconds_bucket" in text
     for name in ('conserve_preemptions_total{cause="memory"}', 'conserve_preemptions_total{cause="layer"}',
                  "conserve_kv_checkpointed_bytes_total", "conserve_preemption_latency_seconds_bucket",
-                 "conserve_recomputed_tokens_total", "conserve_host_kv_blocks_used"):
+                 "conserve_recomputed_tokens_total", "conserve_host_kv_blocks_used",
+                 "conserve_resumed_iterations_total", "conserve_offline_time_fraction"):
         assert name in text
+    # The harvest: the flex request's prompt and output positions were computed as offline work.
+    offline = float(re.search(r'^conserve_computed_tokens_total\{request_class="offline"\} (\S+)$', text, re.M).group(1))
+    assert offline >= 2
+    assert float(re.search(r"^conserve_offline_tokens_per_second (\S+)$", text, re.M).group(1)) > 0
+    assert float(re.search(r"^conserve_offline_time_fraction (\S+)$", text, re.M).group(1)) > 0

@@ -214,7 +214,7 @@ class Engine:
         safepoint = None
         offline_only = not any(s.request.is_online for s in sched_out.scheduled)
         if self._layer_preemption and offline_only and self._suspended is None:
-            safepoint = self._safepoint(seen, sched_out.shape, self.runner.num_layers)
+            safepoint = self.preemption.safepoint(seen, 0, self.runner.num_layers)
         result = self.runner.execute(sched_out, safepoint)
         if result.stopped_at_layer is not None:
             self._stopped(sched_out, result, time.perf_counter() - step_started)
@@ -234,12 +234,6 @@ class Engine:
             outputs += self._resume_in_slack(step_started)
         return outputs
 
-    def _safepoint(self, seen: int, shape, layers_left: int):
-        predicted = None
-        if self.latency_model is not None:
-            predicted = self.latency_model.predict(shape) * layers_left / self.runner.num_layers
-        return self.preemption.safepoint(seen, time.monotonic(), predicted)
-
     def _stopped(self, sched_out: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
         """A safepoint stopped an offline-only iteration. With preemption "layer" it is suspended: its
         requests are frozen and it resumes from the next layer; with "layer-restart" nothing is
@@ -258,8 +252,9 @@ class Engine:
         """Run the suspended iteration to its end, stoppable again at its safepoints."""
         sched_out, suspended = self._suspended
         started = time.perf_counter()
-        layers_left = self.runner.num_layers - suspended.next_layer
-        safepoint = self._safepoint(seen, sched_out.shape, layers_left) if self._layer_preemption else None
+        safepoint = None
+        if self._layer_preemption:
+            safepoint = self.preemption.safepoint(seen, suspended.next_layer, self.runner.num_layers)
         result = self.runner.resume(suspended, safepoint)
         if result.stopped_at_layer is not None:
             self._stopped(sched_out, result, time.perf_counter() - started)

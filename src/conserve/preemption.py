@@ -43,21 +43,24 @@ class LayerPreemption:
         self._last_arrival = (time.monotonic(), num_prompt_tokens)
         self.arrivals += 1
 
-    def safepoint(self, seen: int, started: float, predicted_s: float | None) -> Callable[[int], bool]:
-        """For an offline-only iteration planned when `seen` arrivals had happened."""
+    def safepoint(self, seen: int, first_layer: int, num_layers: int) -> Callable[[int], bool]:
+        """For an offline-only run of layers first_layer.. planned when `seen` arrivals had happened."""
         every = self.every
+        started = time.monotonic()
 
         def check(layer: int) -> bool:
             if (layer + 1) % every or self.arrivals == seen:
                 return False
-            return self._worth_stopping(started, predicted_s)
+            return self._worth_stopping(started, layer + 1 - first_layer, num_layers - layer - 1)
 
         return check
 
-    def _worth_stopping(self, started: float, predicted_s: float | None) -> bool:
-        if self.keeps_work or self.latency_model is None or predicted_s is None:
+    def _worth_stopping(self, started: float, layers_done: int, layers_left: int) -> bool:
+        if self.keeps_work or self.latency_model is None:
             return True
-        remaining = predicted_s - (time.monotonic() - started)
+        # The rest of the run at the pace of the layers so far: a measurement, right even when the
+        # latency model is off (another process on the cores, a cold cache).
+        remaining = (time.monotonic() - started) / layers_done * layers_left
         _, prompt = self._last_arrival
         prefill = self.latency_model.predict(prefill_chunk(prompt, prompt))
         return remaining > self.config.slo_tbt_s or remaining + prefill > self.config.slo_ttft_s
