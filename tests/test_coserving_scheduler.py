@@ -271,19 +271,27 @@ def test_priority_preempts_the_lowest_class_latest_arrival():
     assert on.output_token_ids == alone(30, 30, "on")
 
 
-def test_stoppable_offline_iterations_are_sized_for_throughput_not_a_clock():
-    # Linear cost: bigger is always more efficient. With layer-wise stops an arrival never waits for a
-    # whole iteration, so offline-only iterations fill the token budget, far past max_iteration_s.
-    sched, _ = make(max_num_batched_tokens=2048, stoppable_offline=True)
+def test_offline_only_iterations_grow_past_the_online_budget_to_the_offline_bounds():
+    # Linear cost: bigger is always more efficient. With layer-wise stops an arrival waits one
+    # safepoint interval, not the iteration, so offline-only iterations grow to offline_iteration_s
+    # (here 3 s: ~2990 tokens) or the offline token cap, far past max_num_batched_tokens.
+    for cap, expected in ((2048, 2048), (8192, 2990)):
+        sched, _ = make(max_num_batched_tokens=512, max_offline_batched_tokens=cap, offline_iteration_s=3.0)
+        for i in range(8):
+            sched.add_request(req(f"off{i}", 1000, 4, OFFLINE))
+        out, _ = step(sched)
+        assert out.num_tokens == expected
+        assert MODEL.predict(out.shape) <= 3.0
+    sched, _ = make(max_num_batched_tokens=512)
+    sched.add_request(req("on", 1000, 4))
     for i in range(8):
         sched.add_request(req(f"off{i}", 1000, 4, OFFLINE))
     out, _ = step(sched)
-    assert out.num_tokens == 2048
-    assert MODEL.predict(out.shape) > 4 * sched.config.max_iteration_s
+    assert out.num_tokens <= 512  # with online work, the ordinary budget holds
 
 
 def test_frozen_requests_are_not_scheduled_and_leaving_breaks_the_suspension():
-    sched, _ = make(stoppable_offline=True)
+    sched, _ = make(offline_iteration_s=3.0)
     a, b = req("a", 40, 5, OFFLINE), req("b", 40, 5, OFFLINE)
     sched.add_request(a)
     sched.add_request(b)
@@ -319,7 +327,7 @@ def test_admitted_offline_work_finishes_within_a_bound_under_any_online_load_bel
     bursts, with idle gaps of random length."""
     rng = random.Random(seed)
     k = 4
-    sched, _ = make(starvation_iterations=k, stoppable_offline=True)
+    sched, _ = make(starvation_iterations=k, offline_iteration_s=3.0)
     off = req("off", 30, 20, OFFLINE)
     sched.add_request(off)
     bound = (30 + 20) * k

@@ -26,6 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per iteration")
+    g.add_argument("--max-offline-batched-tokens", type=int, default=8192,
+                   help="token cap of offline-only iterations under --scheduler conserve; the latency model "
+                        "picks the most efficient size within it")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
     s = p.add_argument_group("scheduling")
     s.add_argument("--scheduler", default="conserve", choices=["conserve", "fcfs", "priority", "sarathi"],
@@ -68,6 +71,7 @@ def engine_config(args: argparse.Namespace):
                         max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                         num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                        max_offline_batched_tokens=args.max_offline_batched_tokens,
                         seed=getattr(args, "seed", None) or 0, int4=args.int4, scheduler=args.scheduler,
                         slo_ttft_ms=args.slo_ttft_ms, slo_tbt_ms=args.slo_tbt_ms, token_budget=args.token_budget,
                         max_iteration_ms=args.max_iteration_ms, latency_model=args.latency_model,

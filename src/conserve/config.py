@@ -28,7 +28,8 @@ class EngineConfig:
     slo_ttft_ms: float = 1000.0
     slo_tbt_ms: float = 100.0
     token_budget: int = 256  # sarathi's fixed per-iteration budget
-    max_iteration_ms: float = 500.0  # longest iteration without online work
+    max_iteration_ms: float = 500.0  # longest iteration without online work, unless preemption is "layer"
+    max_offline_batched_tokens: int = 8192  # token cap of offline-only iterations (conserve)
     latency_model: str | None = None  # a `conserve profile` JSON; None: the cache, else profile now
     latency_cache_dir: str = str(Path.home() / ".cache/conserve/latency")
     # Preemption and the host KV tier.
@@ -62,9 +63,14 @@ class EngineConfig:
             raise ValueError(f"host_kv_cache_gb must be > 0, got {self.host_kv_cache_gb}")
         self.scheduler_config(8192)  # validates the scheduling fields
 
-    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+    def scheduler_config(self, max_model_len: int, num_layers: int = 1) -> SchedulerConfig:
+        offline_iteration_s = None
+        if self.preemption == "layer" and self.scheduler == "conserve":
+            # An arrival waits for at most one safepoint interval: keep that within the TBT objective.
+            offline_iteration_s = self.slo_tbt_ms / 1000 * -(-num_layers // self.safepoint_every)
         return SchedulerConfig(policy=self.scheduler, max_num_batched_tokens=self.max_num_batched_tokens,
                                max_num_seqs=self.max_num_seqs, max_model_len=max_model_len,
                                token_budget=self.token_budget, slo_ttft_s=self.slo_ttft_ms / 1000,
                                slo_tbt_s=self.slo_tbt_ms / 1000, max_iteration_s=self.max_iteration_ms / 1000,
-                               stoppable_offline=self.preemption == "layer" and self.scheduler == "conserve")
+                               max_offline_batched_tokens=self.max_offline_batched_tokens,
+                               offline_iteration_s=offline_iteration_s)

@@ -79,7 +79,7 @@ class Engine:
             latency_model = self._load_or_profile_latency_model()
         self.latency_model = latency_model
         self.offload = self._build_offloader(per_block)
-        sched_config = config.scheduler_config(self.max_model_len)
+        sched_config = config.scheduler_config(self.max_model_len, c.num_layers)
         self.scheduler = Scheduler(sched_config, self.kv_manager, latency_model, self.offload)
         # Layer-wise preemption is the co-serving scheduler's: other policies stop at iteration ends.
         self.preemption = LayerPreemption(sched_config, latency_model, config.safepoint_every,

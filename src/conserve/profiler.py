@@ -37,6 +37,9 @@ def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str
 
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 PREFILL_CHUNKS = (16, 64, 256, 512, 1024)
+# Offline-only iterations may be far larger: whole prompts at once, measured without prior context
+# (seconds each; the R term carries context costs over from the smaller chunks).
+LARGE_CHUNKS = (2048, 4096, 8192)
 CONTEXTS = (64, 512, 2048)  # context per decode request / prior context of a prefill chunk
 # Co-serving iterations mix decodes with a prefill chunk: a few such points check additivity.
 MIXED = ((4, 64), (16, 256), (32, 64))  # (decodes at 512 context, chunk tokens after 512)
@@ -57,6 +60,8 @@ def grid(max_tokens: int, max_context: int, quick: bool = False) -> list[Point]:
     points = [Point(b, c) for b in decodes for c in CONTEXTS if b <= max_tokens and c < max_context]
     points += [Point(chunk=n, chunk_context=c) for n in chunks for c in (0, *CONTEXTS)
                if n <= max_tokens and c + n < max_context]
+    large = LARGE_CHUNKS[1::2] if quick else LARGE_CHUNKS
+    points += [Point(chunk=n) for n in large if n <= max_tokens and n < max_context]
     points += [Point(b, 512, n, 512) for b, n in MIXED if b + n <= max_tokens and 512 + n < max_context]
     return points
 
@@ -99,7 +104,11 @@ def profile(engine: Engine, quick: bool = False, progress: Callable[[int, int], 
             ) -> tuple[LatencyModel, dict]:
     """Measure the grid, fit on every other point, report the error on the held-out rest, then refit
     on everything."""
-    points = grid(engine.config.max_num_batched_tokens, engine.max_model_len, quick)
+    config = engine.config
+    max_tokens = config.max_num_batched_tokens
+    if config.scheduler == "conserve":
+        max_tokens = max(max_tokens, config.max_offline_batched_tokens)
+    points = grid(max_tokens, engine.max_model_len, quick)
     samples = []
     for i, point in enumerate(points):
         try:

@@ -22,9 +22,12 @@ class SchedulerConfig:
     slo_tbt_s: float = 0.1
     tbt_margin: float = 0.1  # fraction of the TBT objective kept back for the model's error
     max_iteration_s: float = 0.5  # longest iteration without online work (bounds an arrival's wait)
-    # Offline-only iterations stop at layer safepoints when online work arrives (and keep their work):
-    # they are then sized for throughput alone, not capped by max_iteration_s.
-    stoppable_offline: bool = False
+    # Offline-only iterations (conserve): the latency model picks their size for throughput, within
+    # this many tokens and offline_iteration_s (None: max_iteration_s). With layer-wise preemption
+    # that keeps its work, the engine sets offline_iteration_s so that the time between two
+    # safepoints, which is what an online arrival may wait, stays within the TBT objective.
+    max_offline_batched_tokens: int = 8192
+    offline_iteration_s: float | None = None
     starvation_iterations: int = 8  # offline runs at least once in this many iterations
     min_chunk: int = 16  # smallest prefill chunk forced through when nothing else fits
 
@@ -32,12 +35,14 @@ class SchedulerConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"scheduler must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "token_budget", "starvation_iterations",
-                     "min_chunk"):
+                     "min_chunk", "max_offline_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("slo_ttft_s", "slo_tbt_s", "max_iteration_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.offline_iteration_s is not None and not self.offline_iteration_s > 0:
+            raise ValueError(f"offline_iteration_s must be > 0, got {self.offline_iteration_s}")
         if not 0 <= self.tbt_margin < 1:
             raise ValueError(f"tbt_margin must be in [0, 1), got {self.tbt_margin}")
 

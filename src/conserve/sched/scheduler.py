@@ -115,6 +115,8 @@ class Scheduler:
         online_running = [r for r in self.running if r.is_online]
         self._schedule_running(plan, sorted(online_running, key=_remaining_tokens))  # decodes first
         self._admit(plan, [r for r in self.waiting if r.is_online])
+        if self.config.policy == "conserve" and not plan.has_online:
+            plan.max_tokens = max(plan.max_tokens, self.config.max_offline_batched_tokens)
         offline_running = [r for r in self.running if not r.is_online]
         self._schedule_running(plan, sorted(offline_running, key=_remaining_tokens))
         # Admit offline work only when memory is not tight: nothing was preempted and no online
@@ -194,11 +196,10 @@ class Scheduler:
             return n
         if plan.has_online:
             return largest_fitting(model, plan.shape, start, remaining, config.tbt_limit_s)
-        # No online work: the size the latency model says runs most efficiently. With layer-wise
-        # preemption an arrival stops the iteration at the next layer, so no time cap is needed.
-        largest = remaining
-        if not config.stoppable_offline:
-            largest = largest_fitting(model, plan.shape, start, remaining, config.max_iteration_s)
+        # No online work: the size the latency model says runs most efficiently, within the
+        # offline iteration bound (see SchedulerConfig.offline_iteration_s).
+        limit = config.offline_iteration_s or config.max_iteration_s
+        largest = largest_fitting(model, plan.shape, start, remaining, limit)
         if plan.shape.tokens == 0 and largest == 0:
             return min(remaining, config.min_chunk)  # an iteration always makes progress
         return best_throughput_chunk(model, plan.shape, start, largest)
