@@ -6,7 +6,7 @@ With no online request present, `--scheduler conserve` sizes offline iterations 
 model; `--scheduler priority` runs a fixed budget (`--max-num-batched-tokens`). Two workloads, the
 same token ids for every system: summarisation (1024-token prompts, 32-128 out) and decode-heavy
 (64-token prompts, 128 out). Throughput counts prompt and generated tokens. Each system runs in
-this process in turn, after a warm-up; the report names the CPU and its ISA.
+its own process in turn, after a warm-up; the report names the CPU and its ISA.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,27 +61,50 @@ def systems() -> list[tuple[str, dict]]:
     return out
 
 
+def measure_one(name: str, model: str | None, dtype: str, quick: bool) -> dict:
+    loads = workloads(quick)
+    llm = LLM(model=model, dtype=dtype, **dict(systems())[name])
+    run(llm, [(loads["decode-heavy"][0][0], 4)])  # warm-up
+    return {w: run(llm, work) for w, work in loads.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (about a third of the time)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--model", default=None)
     ap.add_argument("--output", default="results/offline_sizing.json")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all systems; the median is reported")
+    ap.add_argument("--one", metavar="SYSTEM", help=argparse.SUPPRESS)  # internal: measure one system
     args = ap.parse_args()
-    loads = workloads(args.quick)
-    report = {"machine": machine_info(), "dtype": args.dtype, "results": {}}
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.model, args.dtype, args.quick)))
+        return
+    report = {"machine": machine_info(), "dtype": args.dtype, "repeats": args.repeats, "runs": {}, "results": {}}
     print(f"machine: {report['machine']['cpu']} ({report['machine']['isa']}), {report['machine']['threads']} threads")
-    for name, kwargs in systems():
-        llm = LLM(model=args.model, dtype=args.dtype, **kwargs)
-        run(llm, [(loads["decode-heavy"][0][0], 4)])  # warm-up
-        report["results"][name] = {w: run(llm, work) for w, work in loads.items()}
-        print(name, json.dumps(report["results"][name]), flush=True)
-        del llm
+    names = [name for name, _ in systems()]
+    for rep in range(args.repeats):
+        # Rounds over every system, each round in another order: a slow spell of a shared VM then
+        # falls on different systems, and the median over rounds discards it.
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            # Each system in a fresh process: nothing one engine leaves behind (threads, allocator
+            # state) can slow the next.
+            cmd = [sys.executable, __file__, "--one", name, "--dtype", args.dtype, "--output", args.output]
+            cmd += (["--model", args.model] if args.model else []) + (["--quick"] if args.quick else [])
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            report["runs"].setdefault(name, []).append(result)
+            print(f"round {rep + 1}: {name} {json.dumps(result)}", flush=True)
+    loads = list(workloads(args.quick))
+    for name, runs in report["runs"].items():
+        report["results"][name] = {w: {"tok_s": statistics.median(r[w]["tok_s"] for r in runs),
+                                       "all_tok_s": [r[w]["tok_s"] for r in runs]} for w in loads}
     best = {w: max(r[w]["tok_s"] for n, r in report["results"].items() if n.startswith("priority")) for w in loads}
-    print(f"\n| system | {' | '.join(f'{w} tok/s (x best fixed)' for w in loads)} |")
+    print(f"\n| system | {' | '.join(f'{w} tok/s, median (x best fixed)' for w in loads)} |")
     print("|---|" + "---|" * len(loads))
     for name, r in report["results"].items():
-        cells = [f"{r[w]['tok_s']} ({r[w]['tok_s'] / best[w]:.2f}x)" for w in loads]
+        cells = [f"{r[w]['tok_s']} ({r[w]['tok_s'] / best[w]:.2f}x) of {r[w]['all_tok_s']}" for w in loads]
         print(f"| {name} | {' | '.join(cells)} |")
     report["best_fixed_tok_s"] = best
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

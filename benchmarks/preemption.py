@@ -36,11 +36,10 @@ def prompt(seed: int, length: int) -> list[int]:
 
 
 def preemption_latency(mode: str, args) -> dict:
-    """mode: layer (stop when waiting would cost the arrival more than a TBT objective or break its TTFT
-    objective), layer-always (stop at the next safepoint whatever the prediction), iteration."""
-    engine = Engine(EngineConfig(device=args.device, preemption=mode.removesuffix("-always")))
-    if mode == "layer-always":
-        engine.preemption.latency_model = None  # without a model to ask, every arrival stops the iteration
+    """mode: layer (stop at the next safepoint, resume from there later), layer-restart (stop when waiting
+    would cost the arrival more than a TBT objective or break its TTFT objective; compute the iteration
+    again later), iteration (never stop mid-iteration)."""
+    engine = Engine(EngineConfig(device=args.device, preemption=mode))
     engine.warmup()
     offline = SamplingParams(temperature=0, max_tokens=args.offline_output, ignore_eos=True)
     for i in range(args.offline_batch):
@@ -48,7 +47,6 @@ def preemption_latency(mode: str, args) -> dict:
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     picked: dict[str, float] = {}
     stop = threading.Event()
-    offline_tokens = [0]
     steps: list[tuple[float, float, bool, bool]] = []  # (start, end, stopped at a safepoint, online ran)
 
     def loop() -> None:  # the engine thread, as AsyncEngine runs it
@@ -69,9 +67,6 @@ def preemption_latency(mode: str, args) -> dict:
             begin = time.monotonic()
             outputs = engine.step(seen)
             steps.append((begin, time.monotonic(), engine.preemption.num_preemptions > stops, online))
-            for out in outputs:
-                if out.request_id.startswith("off") and out.finished:
-                    offline_tokens[0] += len(out.prompt_token_ids) + len(out.outputs[0].token_ids)
 
     thread = threading.Thread(target=loop, name="engine")
     thread.start()
@@ -80,7 +75,7 @@ def preemption_latency(mode: str, args) -> dict:
     arrived: dict[str, float] = {}
     preempted_before = engine.preemption.num_preemptions
     started = time.monotonic()
-    tokens_before = offline_tokens[0]
+    tokens_before = engine.stats.offline_tokens  # positions computed by committed iterations
     for i in range(args.arrivals):
         time.sleep(rng.uniform(0.5, 1.5) * args.interval)
         rid, ids = f"on{i}", prompt(1000 + i, args.online_prompt)
@@ -102,7 +97,9 @@ def preemption_latency(mode: str, args) -> dict:
     return {"mode": mode, "arrivals": len(waits), "p50_wait_ms": percentile(waits, 50),
             "p99_wait_ms": percentile(waits, 99), "mean_wait_ms": statistics.fmean(waits),
             "layer_stops": engine.preemption.num_preemptions - preempted_before,
-            "offline_tok_s": (offline_tokens[0] - tokens_before) / elapsed, "longest_waits": causes}
+            "offline_tok_s": (engine.stats.offline_tokens - tokens_before) / elapsed,
+            "resumed": engine.stats.resumed, "layers_discarded": engine.stats.layers_discarded,
+            "longest_waits": causes}
 
 
 def resume_cost(offline_kv: str, context: int, args) -> dict:
@@ -145,14 +142,16 @@ def main() -> None:
     if args.quick:
         args.arrivals = 12
 
-    latency = [preemption_latency(mode, args) for mode in ("layer", "layer-always", "iteration")]
+    latency = [preemption_latency(mode, args) for mode in ("layer", "layer-restart", "iteration")]
     print(f"\n## Preemption latency: online arrival -> engine free ({args.offline_batch} offline requests, "
           f"{args.offline_prompt}-token prompts, {args.offline_output} tokens out)\n")
-    print("| preemption | arrivals | P50 ms | P99 ms | mean ms | layer stops | offline tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preemption | arrivals | P50 ms | P99 ms | mean ms | layer stops | resumed | layers discarded "
+          "| offline tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in latency:
         print(f"| {r['mode']} | {r['arrivals']} | {r['p50_wait_ms']:.1f} | {r['p99_wait_ms']:.1f} | "
-              f"{r['mean_wait_ms']:.1f} | {r['layer_stops']} | {r['offline_tok_s']:.0f} |")
+              f"{r['mean_wait_ms']:.1f} | {r['layer_stops']} | {r['resumed']} | {r['layers_discarded']} | "
+              f"{r['offline_tok_s']:.0f} |")
     for r in latency:
         print(f"longest waits, {r['mode']}: {r['longest_waits']}")
 

@@ -282,6 +282,14 @@ def test_offline_only_iterations_grow_past_the_online_budget_to_the_offline_boun
         out, _ = step(sched)
         assert out.num_tokens == expected
         assert MODEL.predict(out.shape) <= 3.0
+    # Online requests came lately: a stopped iteration would have to resume beside them, layer by
+    # layer in their iterations' room, so offline-only iterations take half the time.
+    sched, _ = make(max_num_batched_tokens=512, offline_iteration_s=3.0)
+    sched.online_recently = True
+    for i in range(8):
+        sched.add_request(req(f"off{i}", 1000, 4, OFFLINE))
+    out, _ = step(sched)
+    assert out.num_tokens == 1490
     sched, _ = make(max_num_batched_tokens=512)
     sched.add_request(req("on", 1000, 4))
     for i in range(8):
@@ -300,6 +308,10 @@ def test_frozen_requests_are_not_scheduled_and_leaving_breaks_the_suspension():
     sched.freeze([a])
     out = sched.schedule()  # planned, not committed: b runs alone while a's iteration is suspended
     assert [s.request.request_id for s in out.scheduled] == ["b"]
+    sched.update(out, {})
+    sched.add_request(req("on", 8, 2))
+    out = sched.schedule()  # beside online work, the suspended iteration's layers take the room left
+    assert [s.request.request_id for s in out.scheduled] == ["on"]
     sched.update(out, {})
     assert not sched.suspension_broken
     sched.finish_request("a", RequestStatus.FINISHED_ABORTED)

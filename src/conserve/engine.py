@@ -32,6 +32,8 @@ from conserve.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
+ONLINE_RECENT_S = 10.0  # online traffic this recent sizes offline-only iterations for sharing (see sched)
+
 
 @dataclass
 class _Tracked:
@@ -202,6 +204,7 @@ class Engine:
                 self._drop_suspended()
             elif not self.scheduler.has_online_work():
                 return self._resume(seen)
+        self.scheduler.online_recently = self.preemption.online_within(ONLINE_RECENT_S)
         sched_out = self.scheduler.schedule()
         for request, num_tokens in sched_out.prefetch:
             offload.prefetch(request, num_tokens)

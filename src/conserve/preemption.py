@@ -43,6 +43,10 @@ class LayerPreemption:
         self._last_arrival = (time.monotonic(), num_prompt_tokens)
         self.arrivals += 1
 
+    def online_within(self, seconds: float) -> bool:
+        """Whether an online request arrived in the last `seconds`."""
+        return self.arrivals > 0 and time.monotonic() - self._last_arrival[0] < seconds
+
     def safepoint(self, seen: int, first_layer: int, num_layers: int) -> Callable[[int], bool]:
         """For an offline-only run of layers first_layer.. planned when `seen` arrivals had happened."""
         every = self.every

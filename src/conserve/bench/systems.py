@@ -127,6 +127,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     _conserve("sarathi", "ablation: fixed per-iteration token budget", "--scheduler", "sarathi"),
     _conserve("iteration-preemption", "ablation: preempt between iterations only", "--preemption", "iteration"),
     _conserve("recompute", "ablation: offline KV recomputed after preemption", "--offline-kv", "recompute"),
+    _conserve("layer-restart", "ablation: stopped offline iterations computed again, not resumed",
+              "--preemption", "layer-restart"),
     System("vllm-online-only", "vLLM CPU, default policy, no offline load", vllm_launch, offline=False),
     System("vllm-priority", f"vLLM CPU, priority policy, offline requests priority {VLLM_PRIORITY_OFFLINE}",
            vllm_launch, ("--scheduling-policy", "priority"), offline_service_tier=False,

@@ -25,7 +25,8 @@ class SchedulerConfig:
     # Offline-only iterations (conserve): the latency model picks their size for throughput, within
     # this many tokens and offline_iteration_s (None: max_iteration_s). With layer-wise preemption
     # that keeps its work, the engine sets offline_iteration_s so that the time between two
-    # safepoints, which is what an online arrival may wait, stays within the TBT objective.
+    # safepoints, which is what an online arrival may wait, stays within the TBT objective; half of
+    # it while online requests came lately (Scheduler.online_recently).
     max_offline_batched_tokens: int = 8192
     offline_iteration_s: float | None = None
     starvation_iterations: int = 8  # offline runs at least once in this many iterations

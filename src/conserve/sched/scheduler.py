@@ -48,6 +48,9 @@ class Scheduler:
         # scheduled until it resumes, and leave it only by breaking it (preemption, abort).
         self.frozen: set[str] = set()
         self.suspension_broken = False
+        # Set by the engine: online requests came lately, so more may come while an offline-only
+        # iteration runs; stopped, its layers then have to fit beside online iterations.
+        self.online_recently = False
 
     # -- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -115,6 +118,10 @@ class Scheduler:
         online_running = [r for r in self.running if r.is_online]
         self._schedule_running(plan, sorted(online_running, key=_remaining_tokens))  # decodes first
         self._admit(plan, [r for r in self.waiting if r.is_online])
+        if self.frozen and plan.has_online:
+            # An offline iteration is suspended: the room online work leaves goes to its remaining
+            # layers (Engine._resume_in_slack), not to more offline work that would starve it.
+            return out
         if self.config.policy == "conserve" and not plan.has_online:
             plan.max_tokens = max(plan.max_tokens, self.config.max_offline_batched_tokens)
         offline_running = [r for r in self.running if not r.is_online]
@@ -199,6 +206,8 @@ class Scheduler:
         # No online work: the size the latency model says runs most efficiently, within the
         # offline iteration bound (see SchedulerConfig.offline_iteration_s).
         limit = config.offline_iteration_s or config.max_iteration_s
+        if config.offline_iteration_s and self.online_recently:
+            limit /= 2  # a suspended layer then fits the room an online iteration leaves (about half)
         largest = largest_fitting(model, plan.shape, start, remaining, limit)
         if plan.shape.tokens == 0 and largest == 0:
             return min(remaining, config.min_chunk)  # an iteration always makes progress
