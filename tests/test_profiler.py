@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf_models import COMMON, write_tokenizer  # noqa: E402
 
 from conserve.engine import Engine  # noqa: E402
-from conserve.profiler import grid, profile  # noqa: E402
+from conserve.profiler import GRID_VERSION, cache_path, grid, profile  # noqa: E402
 from conserve.sched.latency_model import decode_batch  # noqa: E402
 
 pytestmark = pytest.mark.reference
@@ -49,3 +49,13 @@ def test_engine_profiles_on_first_start_and_reuses_the_cache(tmp_path):
     again = Engine(model=str(tmp_path / "m"), dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=256,
                    latency_cache_dir=str(cache))
     assert again.latency_model.coefficients == first.latency_model.coefficients
+
+
+def test_the_cache_is_kept_per_machine_and_grid(tmp_path):
+    import torch
+
+    from conserve.machine import cpu_model, isa, machine_key
+
+    path = cache_path(tmp_path, "m", torch.float32, "cpu")
+    assert machine_key() in path.name and path.name.endswith(f"-g{GRID_VERSION}.json")
+    assert cpu_model() and isa()  # what the key is made of, read from this machine
