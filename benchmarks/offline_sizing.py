@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--model", default=None)
     ap.add_argument("--output", default="results/offline_sizing.json")
+    ap.add_argument("--systems", default=None, help="comma-separated subset, e.g. 'conserve (default),priority 2048'")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all systems; the median is reported")
     ap.add_argument("--one", metavar="SYSTEM", help=argparse.SUPPRESS)  # internal: measure one system
     args = ap.parse_args()
@@ -83,6 +84,12 @@ def main() -> None:
     report = {"machine": machine_info(), "dtype": args.dtype, "repeats": args.repeats, "runs": {}, "results": {}}
     print(f"machine: {report['machine']['cpu']} ({report['machine']['isa']}), {report['machine']['threads']} threads")
     names = [name for name, _ in systems()]
+    if args.systems:
+        wanted = [s.strip() for s in args.systems.split(",")]
+        unknown = [s for s in wanted if s not in names]
+        if unknown:
+            raise SystemExit(f"unknown systems {unknown}; choose from {names}")
+        names = wanted
     for rep in range(args.repeats):
         # Rounds over every system, each round in another order: a slow spell of a shared VM then
         # falls on different systems, and the median over rounds discards it.
