@@ -91,7 +91,6 @@ class Engine:
         self._suspended: tuple[SchedulerOutput, Suspended] | None = None
         self._suspended_waits = 0  # steps since it last progressed
         self.stats = EngineStats()
-        self._drift_logged = False
         self._tracked: dict[str, _Tracked] = {}
         self._parents: dict[str, _Parent] = {}
         self._ids = itertools.count()
@@ -228,8 +227,8 @@ class Engine:
         if self.latency_model is not None:
             # The whole step (planning, model, outputs) is what an online request feels between tokens.
             model = self.latency_model
-            if model.observe(sched_out.shape, seconds) and model.drift_refits == 1 and not self._drift_logged:
-                self._drift_logged = True
+            drift_refits = model.drift_refits
+            if model.observe(sched_out.shape, seconds) and drift_refits == 0 and model.drift_refits == 1:
                 log.warning("live iterations drifted more than %d%% from the latency model for %d iterations "
                             "in a row: refitted (logged once; `conserve profile` makes a fresh fit)",
                             100 * DRIFT_RATIO, DRIFT_WINDOW)

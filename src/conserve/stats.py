@@ -44,15 +44,19 @@ class EngineStats:
         self.offline_tokens += offline
         self.online_tokens += total - offline
         if offline:
-            self._recent.append((time.monotonic(), offline))
+            now = time.monotonic()
+            self._recent.append((now, offline))
+            self._forget_before(now - RATE_WINDOW_S)  # bounded even when nobody reads the rate
         return offline, total
 
     def offline_tokens_per_s(self, now: float | None = None) -> float:
         """Offline tokens committed per second over the last RATE_WINDOW_S seconds."""
-        now = time.monotonic() if now is None else now
-        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
-            self._recent.popleft()
+        self._forget_before((time.monotonic() if now is None else now) - RATE_WINDOW_S)
         return sum(n for _, n in self._recent) / RATE_WINDOW_S
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
 
     @property
     def offline_time_fraction(self) -> float:

@@ -193,14 +193,6 @@ class LlamaModel:
         return sum(len(layer.int4) for layer in self.layers)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache, safepoint: Callable[[int], bool] | None = None) -> torch.Tensor | int:
-        """Returns hidden states [T, hidden], or the index of the layer after which it stopped."""
-        state = self.begin(input_ids, positions)
-        if not self.run_layers(state, meta, kv, safepoint):
-            return state.next_layer - 1
-        return state.hidden
-
     def begin(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ForwardState:
         """The state before layer 0: embeddings and the rotary tables of these positions."""
         cos, sin = self.rotary.tables(positions, self.dtype)
