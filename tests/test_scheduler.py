@@ -162,3 +162,19 @@ def test_fcfs_admits_every_waiting_request_that_fits_in_one_iteration():
     out, _ = run_step(sched)
     assert [s.request.request_id for s in out.scheduled] == ["0", "1", "2", "3", "4"]
     assert not sched.waiting
+
+
+def test_request_that_could_outgrow_the_whole_kv_cache_is_refused_not_queued_forever():
+    import pytest
+
+    from conserve.errors import RequestError
+
+    sched, _ = make(blocks=4, block_size=4)  # 16 tokens in all
+    with pytest.raises(RequestError, match="whole KV cache"):
+        sched.add_request(req("big", 10, max_tokens=8))  # may grow to 18
+    assert not sched.has_unfinished()
+    fits = req("fits", 10, max_tokens=7, ignore_eos=True)  # 17 tokens: the last one is never computed
+    sched.add_request(fits)
+    while sched.has_unfinished():
+        run_step(sched)
+    assert fits.num_tokens == 17

@@ -22,7 +22,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: run GGUF Q4_0/Q4_1 weights with int4 kernels when an iteration has few "
                         "tokens (bfloat16 on CPU; ~2x faster single-stream decode); off: bfloat16 only")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
-    g.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache, GiB")
+    g.add_argument("--kv-cache-gb", type=_gib_or_auto, default="auto",
+                   help="memory for the paged KV cache, GiB; auto: 25%% of the memory available at start "
+                        "(80%% of free GPU memory on CUDA), no more than --max-num-seqs full-length sequences "
+                        "use; --max-model-len longer than the cache holds is refused (the model's own "
+                        "length is lowered to fit, with a warning)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per iteration")
@@ -62,6 +66,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="host memory for checkpointed offline KV, GiB (pinned on CUDA)")
     s.add_argument("--latency-cache-dir", default=str(Path.home() / ".cache/conserve/latency"),
                    help="where fitted latency models are cached")
+
+
+def _gib_or_auto(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB or 'auto', got {value!r}") from None
 
 
 def engine_config(args: argparse.Namespace):

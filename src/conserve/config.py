@@ -16,7 +16,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's own context length
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float | str = "auto"  # GiB, or "auto": sized from free memory (kv/sizing.py)
     num_kv_blocks: int | None = None  # overrides kv_cache_gb when set
     block_size: int = 16
     max_num_batched_tokens: int = 1024  # token budget of one iteration
@@ -41,8 +41,8 @@ class EngineConfig:
     host_kv_cache_gb: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.kv_cache_gb <= 0:
-            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.kv_cache_gb != "auto" and not (isinstance(self.kv_cache_gb, (int, float)) and self.kv_cache_gb > 0):
+            raise ValueError(f"kv_cache_gb must be > 0 or 'auto', got {self.kv_cache_gb!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -17,6 +17,8 @@ from conserve.kv.copier import Copier, HostKVCache
 from conserve.kv.host_kv_manager import HostKVManager
 from conserve.kv.kv_manager import KVCacheManager, blocks_needed
 from conserve.kv.offload import Offloader
+from conserve.kv.sizing import (AUTO_CPU_FRACTION, AUTO_GPU_FRACTION, auto_kv_bytes, available_host_bytes,
+                                fit_max_model_len, num_blocks_for)
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
 from conserve.model.loader import load_model
@@ -68,11 +70,13 @@ class Engine:
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.int4)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = loaded.max_model_len
         c = loaded.config
         per_block = KVCache.bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
                                             loaded.model.dtype)
-        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30 // per_block))
+        num_blocks = self._num_kv_blocks(per_block, config.max_model_len or loaded.max_model_len)
+        # A longer sequence could never fit: refused if the user asked for it, else clamped.
+        self.max_model_len = fit_max_model_len(config.max_model_len, loaded.max_model_len, num_blocks,
+                                               config.block_size)
         self.kv_cache = KVCache(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
                                 loaded.model.dtype, loaded.model.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size)
@@ -96,6 +100,25 @@ class Engine:
         self._ids = itertools.count()
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                  num_blocks * per_block / 2**30)
+
+    def _num_kv_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
+        config = self.config
+        if config.num_kv_blocks:
+            return config.num_kv_blocks
+        if config.kv_cache_gb != "auto":
+            return num_blocks_for(config.kv_cache_gb * 2**30, bytes_per_block)
+        if torch.device(config.device).type == "cuda":
+            free, fraction = torch.cuda.mem_get_info(torch.device(config.device))[0], AUTO_GPU_FRACTION
+        else:
+            free, fraction = available_host_bytes(), AUTO_CPU_FRACTION
+        if free is None:
+            log.warning("cannot tell how much memory is free: KV cache of 1 GiB (set --kv-cache-gb)")
+            return num_blocks_for(2**30, bytes_per_block)
+        per_token = bytes_per_block / config.block_size
+        kv_bytes = auto_kv_bytes(free, fraction, per_token, max_model_len, config.max_num_seqs)
+        log.info("KV cache sized from free memory: %.0f%% of %.1f GiB free, at most %d sequences of %d tokens",
+                 100 * fraction, free / 2**30, config.max_num_seqs, max_model_len)
+        return num_blocks_for(kv_bytes, bytes_per_block)
 
     def _build_offloader(self, bytes_per_block: int) -> Offloader | None:
         config = self.config

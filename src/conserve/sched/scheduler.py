@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 
+from conserve.errors import RequestError
 from conserve.kv.kv_manager import KVCacheManager
 from conserve.request import Request, RequestStatus
 from conserve.sched.config import SchedulerConfig
@@ -56,6 +57,11 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
+        capacity = self.kv.pool.num_blocks * self.kv.block_size
+        if request.max_len - 1 > capacity:
+            # It would preempt itself when it outgrew the cache, and wait forever at the queue's head.
+            raise RequestError(f"request {request.request_id!r} may grow to {request.max_len} tokens, more than "
+                               f"the whole KV cache holds ({capacity}); lower max_tokens or raise --kv-cache-gb")
         self.requests[request.request_id] = request
         request.arrival_seq = next(self._arrivals)
         self._enqueue(request)
