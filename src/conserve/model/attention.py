@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from conserve.model.lazy_zeros import lazy_zeros
 import torch.nn.functional as F
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -46,8 +48,9 @@ class KVCache:
         slots = num_blocks * block_size
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.k = [torch.zeros(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zero (a padded read of a never-written slot must not meet NaN) and committed as used.
+        self.k = [lazy_zeros((kv_heads, slots, head_dim), dtype, device) for _ in range(num_layers)]
+        self.v = [lazy_zeros((kv_heads, slots, head_dim), dtype, device) for _ in range(num_layers)]
         self._head_offsets = torch.arange(kv_heads, device=device).unsqueeze(1) * slots
 
     def rows(self, slots: torch.Tensor) -> torch.Tensor:
