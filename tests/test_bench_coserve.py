@@ -19,7 +19,8 @@ from conserve.bench import coserve as coserve_mod
 from conserve.bench.calibrate import CalibrationError, burst_config, calibration_from
 from conserve.bench.compare import SystemResult, check_targets, format_comparison, format_targets
 from conserve.bench.config import BenchConfig
-from conserve.bench.coserve import CoserveOptions, options_from_args, run_coserve
+from conserve.bench.coserve import options_from_args, run_coserve
+from conserve.bench.coserve_options import CoserveOptions
 from conserve.bench.offline import offline_body
 from conserve.bench.prompts import PromptBuilder
 from conserve.bench.servers import ServerError, ServerProcess, ServerSpec, free_port

@@ -2,43 +2,103 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from conserve.flags import add_flags, flag, from_flags
 from conserve.kv.offload import OFFLINE_KV_MODES
 from conserve.preemption import PREEMPTION_MODES
-from conserve.sched.config import SchedulerConfig
+from conserve.sched.config import POLICIES, SchedulerConfig
+
+
+def gib_or_auto(value: str) -> float | str:
+    """argparse type of --kv-cache-gb."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB or 'auto', got {value!r}") from None
+
+
+_S = SchedulerConfig  # the scheduler's own defaults, written once there
 
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # HF directory or GGUF file; None: the default SmolLM2 package
-    dtype: str = "auto"
-    device: str = "cpu"
-    max_model_len: int | None = None  # None: the model's own context length
-    kv_cache_gb: float | str = "auto"  # GiB, or "auto": sized from free memory (kv/sizing.py)
-    num_kv_blocks: int | None = None  # overrides kv_cache_gb when set
-    block_size: int = 16
-    max_num_batched_tokens: int = 1024  # token budget of one iteration
-    max_num_seqs: int = 256
-    seed: int = 0
-    int4: str = "auto"  # "auto": int4 kernels for GGUF Q4 weights at small batches (bf16 CPU); "off"
+    """Every knob of the engine. The `flag(...)` fields are also `conserve` command-line flags (their
+    help is the README's flag tables); the rest are for the Python API only."""
+
+    model: str | None = flag(None, "an HF directory (`config.json`, `*.safetensors`, `tokenizer.json`, "
+                             "`tokenizer_config.json`, `generation_config.json`) or a GGUF file",
+                             metavar="PATH", type=str, shown_default="SmolLM2-135M-Instruct")
+    dtype: str = flag("auto", "`float32`, `bfloat16`, `float16`; `auto` = bfloat16 where the CPU has native bf16 "
+                      "instructions (or on CUDA), else float32", choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = flag("cpu", "torch device, e.g. `cpu` or `cuda`")
+    int4: str = flag("auto", "run GGUF Q4_0/Q4_1 weights through int4 matmul kernels when an iteration has at most "
+                     "8 tokens (bfloat16 on CPU); `off` = bfloat16 matmuls only", choices=["auto", "off"])
+    kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "
+                                    "available at start (80% of free GPU memory on CUDA), no more than "
+                                    "`--max-num-seqs` full-length sequences can use; its pages are committed "
+                                    "as blocks are first used", type=gib_or_auto)
+    num_kv_blocks: int | None = flag(None, "KV cache size in blocks (overrides `--kv-cache-gb`)", type=int)
+    block_size: int = flag(16, "tokens per KV block")
+    max_model_len: int | None = flag(None, "longest prompt + output; longer prompts are rejected, never truncated. "
+                                     "A length the KV cache cannot hold is refused at start (the message names "
+                                     "both numbers and the flags); the model's own length is lowered to what the "
+                                     "cache holds, with a warning, so no sequence can outgrow the cache and stall "
+                                     "the queue", type=int, shown_default="model's")
+    max_num_batched_tokens: int = flag(_S.max_num_batched_tokens,
+                                       "token budget of one iteration (prefill chunks + decodes)")
+    max_offline_batched_tokens: int = flag(
+        _S.max_offline_batched_tokens, "token cap of offline-only iterations under `--scheduler conserve`; "
+        "the latency model picks the most efficient size within it")
+    max_num_seqs: int = flag(_S.max_num_seqs, "most requests running at once")
+    seed: int = 0  # the runner's base seed (a request's own seed overrides it)
     # Scheduling (see sched/config.py for what each policy does).
-    scheduler: str = "conserve"
-    slo_ttft_ms: float = 1000.0
-    slo_tbt_ms: float = 100.0
-    token_budget: int = 256  # sarathi's fixed per-iteration budget
-    max_iteration_ms: float = 500.0  # longest iteration without online work, unless preemption is "layer"
-    max_offline_batched_tokens: int = 8192  # token cap of offline-only iterations (conserve)
-    latency_model: str | None = None  # a `conserve profile` JSON; None: the cache, else profile now
-    latency_cache_dir: str = str(Path.home() / ".cache/conserve/latency")
-    # Preemption and the host KV tier.
-    # "layer": offline-only iterations stop at safepoints and later resume from there; "layer-restart":
-    # they stop and are computed again; "iteration": they always run to the end.
-    preemption: str = "layer"
-    safepoint_every: int = 1  # layers between safepoint checks
-    offline_kv: str = "checkpoint"  # checkpoint | swap | recompute
-    host_kv_cache_gb: float = 2.0
+    scheduler: str = flag(
+        _S.policy, "`conserve`: online decodes always run, online prefill is chunked to keep running online "
+        "decodes within `--slo-tbt-ms`, offline work fills each iteration while the predicted time stays under "
+        "the TBT objective minus 10%, and with no online work offline batches grow to the size the latency model "
+        "predicts runs most efficiently (within `--max-offline-batched-tokens`; capped by `--max-iteration-ms` "
+        "only without `--preemption layer`); offline is guaranteed a little progress every 8 iterations. `fcfs`: "
+        "one queue, no classes. `priority`: online before offline, preemption only when KV memory runs out "
+        "(vLLM's priority policy). `sarathi`: priority with a fixed `--token-budget`",
+        group="coserving", choices=list(POLICIES))
+    slo_tbt_ms: float = flag(_S.slo_tbt_s * 1000, "time-between-tokens objective of online requests: "
+                             "iterations with online work are planned to stay under it", group="coserving")
+    slo_ttft_ms: float = flag(_S.slo_ttft_s * 1000, "time-to-first-token objective of online requests "
+                              "(decides layer-wise preemption)", group="coserving")
+    max_iteration_ms: float = flag(
+        _S.max_iteration_s * 1000, "longest iteration planned when no online request runs, with `--preemption "
+        "layer-restart` or `iteration` (with `layer`, an arrival stops an offline iteration at the next layer at "
+        "no loss, so offline iterations are sized for throughput within `--max-offline-batched-tokens` and "
+        "layers × `--slo-tbt-ms`, half that while online requests came in the last 10 s)", group="coserving")
+    token_budget: int = flag(_S.token_budget, "tokens per iteration for `--scheduler sarathi`", group="coserving")
+    latency_model: str | None = flag(None, "a `conserve profile` JSON", group="coserving", type=str,
+                                     metavar="PATH", shown_default="cached fit")
+    latency_cache_dir: str = flag(str(Path.home() / ".cache/conserve/latency"),
+                                  "where fitted latency models are cached (one per model, dtype, device, thread "
+                                  "count and CPU model); a missing fit is profiled at start, about a minute",
+                                  group="coserving", shown_default="`~/.cache/conserve/latency`")
+    preemption: str = flag(
+        "layer", "`layer`: an online arrival stops an offline-only iteration at the next safepoint between "
+        "layers; the iteration is suspended (its hidden state and the KV written so far kept, its requests "
+        "frozen) and resumes from that layer, alone when no online work is left or a few layers at a time in "
+        "online iterations' slack under the TBT objective, so nothing computed is lost. `layer-restart`: it "
+        "stops only when waiting would cost the arrival more than one TBT objective or break its TTFT "
+        "objective, and is computed again later. `iteration`: it waits for the iteration to end",
+        group="coserving", choices=list(PREEMPTION_MODES))
+    safepoint_every: int = flag(1, "layers between safepoint checks", group="coserving")
+    offline_kv: str = flag(
+        "checkpoint", "`checkpoint`: offline requests' new KV entries are copied to host memory after every "
+        "iteration in the background, so preempting frees device blocks at once and resuming prefetches them; "
+        "`swap`: copy everything at preemption, blocking; `recompute`: drop and recompute",
+        group="coserving", choices=list(OFFLINE_KV_MODES))
+    host_kv_cache_gb: float = flag(2.0, "host memory for checkpointed KV (pinned on CUDA); when full, the oldest "
+                                   "checkpoints of preempted requests are dropped and those requests recompute",
+                                   group="coserving")
 
     def __post_init__(self) -> None:
         if self.kv_cache_gb != "auto" and not (isinstance(self.kv_cache_gb, (int, float)) and self.kv_cache_gb > 0):
@@ -74,3 +134,12 @@ class EngineConfig:
                                slo_tbt_s=self.slo_tbt_ms / 1000, max_iteration_s=self.max_iteration_ms / 1000,
                                max_offline_batched_tokens=self.max_offline_batched_tokens,
                                offline_iteration_s=offline_iteration_s)
+
+    # -- command line --------------------------------------------------------------------------
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        add_flags(parser, cls, {"engine": "engine", "coserving": "co-serving (each mechanism can be switched off)"})
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, **overrides) -> EngineConfig:
+        return from_flags(cls, args, **overrides)

@@ -17,13 +17,20 @@ from conserve.kv.copier import Copier, HostKVCache
 from conserve.kv.host_kv_manager import HostKVManager
 from conserve.kv.kv_manager import KVCacheManager, blocks_needed
 from conserve.kv.offload import Offloader
-from conserve.kv.sizing import (AUTO_CPU_FRACTION, AUTO_GPU_FRACTION, auto_kv_bytes, available_host_bytes,
-                                fit_max_model_len, num_blocks_for)
+from conserve.kv.sizing import (
+    AUTO_CPU_FRACTION,
+    AUTO_GPU_FRACTION,
+    auto_kv_bytes,
+    available_host_bytes,
+    fit_max_model_len,
+    num_blocks_for,
+)
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.preemption import LayerPreemption
+from conserve.profiler import cache_path, profile
 from conserve.request import Request, RequestClass, RequestStatus
 from conserve.runner import ModelRunner, RunnerOutput, Suspended
 from conserve.sampling_params import SamplingParams
@@ -135,8 +142,6 @@ class Engine:
     def _load_or_profile_latency_model(self) -> LatencyModel:
         """The configured latency model, else the cached fit for this model/dtype/device/threads, else
         a quick profile now (cached for next time)."""
-        from conserve.profiler import cache_path, profile
-
         if self.config.latency_model:
             return LatencyModel.load(Path(self.config.latency_model))
         path = cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,

@@ -7,23 +7,24 @@ import json
 import sys
 from pathlib import Path
 
+from conserve.config import EngineConfig
 
-def add_profile_command(sub, parents, add_engine_args) -> None:
+
+def add_profile_command(sub, parents) -> None:
     p = sub.add_parser("profile", parents=parents,
                        help="time the model over a (P, C) grid and fit the latency model T(P, C)")
     p.add_argument("--quick", action="store_true", help="a coarser grid (about a minute on 2 cores)")
     p.add_argument("--output", default=None, help="also write the full report (samples, errors) as JSON")
-    add_engine_args(p)
+    EngineConfig.add_flags(p)
     p.set_defaults(func=cmd_profile)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from conserve.cli import engine_config
     from conserve.engine import Engine
     from conserve.profiler import cache_path, profile
 
-    config = engine_config(args)
-    config.scheduler = "fcfs"  # profiling drives the runner directly: no latency model needed to start
+    # Profiling drives the runner directly: no latency model needed to start.
+    config = EngineConfig.from_flags(args, scheduler="fcfs")
     engine = Engine(config)
 
     def progress(done: int, total: int) -> None:

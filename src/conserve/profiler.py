@@ -13,17 +13,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from conserve.engine import Engine
+from conserve.config import EngineConfig
+from conserve.kv.kv_manager import KVCacheManager
 from conserve.machine import machine_key
+from conserve.model.loader import LoadedModel
 from conserve.request import Request
+from conserve.runner import ModelRunner
 from conserve.sampling_params import SamplingParams
 from conserve.sched.latency_model import LatencyModel, Sample, median
 from conserve.sched.output import ScheduledRequest, SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+
+class ProfiledEngine(Protocol):
+    """What profiling needs of the engine (engine.py imports this module, not the reverse)."""
+
+    config: EngineConfig
+    loaded: LoadedModel
+    kv_manager: KVCacheManager
+    runner: ModelRunner
+    max_model_len: int
 
 
 def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str) -> Path:
@@ -68,7 +82,7 @@ def grid(max_tokens: int, max_context: int, quick: bool = False) -> list[Point]:
     return points
 
 
-def _synthetic(engine: Engine, point: Point) -> SchedulerOutput:
+def _synthetic(engine: ProfiledEngine, point: Point) -> SchedulerOutput:
     kv = engine.kv_manager
     out = SchedulerOutput()
     vocab = engine.loaded.config.vocab_size
@@ -87,7 +101,7 @@ def _synthetic(engine: Engine, point: Point) -> SchedulerOutput:
     return out
 
 
-def measure(engine: Engine, point: Point, repeats: int = 3) -> Sample:
+def measure(engine: ProfiledEngine, point: Point, repeats: int = 3) -> Sample:
     out = _synthetic(engine, point)
     try:
         engine.runner.execute(out)  # warm-up: first use of a shape allocates
@@ -102,7 +116,7 @@ def measure(engine: Engine, point: Point, repeats: int = 3) -> Sample:
     return Sample(out.shape, statistics.median(times))
 
 
-def profile(engine: Engine, quick: bool = False, progress: Callable[[int, int], None] | None = None
+def profile(engine: ProfiledEngine, quick: bool = False, progress: Callable[[int, int], None] | None = None
             ) -> tuple[LatencyModel, dict]:
     """Measure the grid, fit on every other point, report the error on the held-out rest, then refit
     on everything."""

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from conserve.bench.calibrate import (
     CALIBRATION_SYSTEM,
@@ -28,6 +27,7 @@ from conserve.bench.calibrate import (
 from conserve.bench.client import BenchError
 from conserve.bench.compare import SystemResult, summarize_report
 from conserve.bench.config import BenchConfig
+from conserve.bench.coserve_options import CoserveOptions
 from conserve.bench.coserve_results import write_results
 from conserve.bench.runner import run_benchmark
 from conserve.bench.servers import ServerError, ServerProcess, free_port
@@ -45,30 +45,6 @@ from conserve.bench.systems import (
 from conserve.bench.tradeoff import tradeoff_points
 
 QUICK = {"duration_s": 40.0, "offline_concurrency": 8}
-
-
-@dataclass
-class CoserveOptions:
-    workload: CoserveWorkload = field(default_factory=CoserveWorkload)
-    output_dir: str = "results"
-    vllm_venv: str = DEFAULT_VLLM_VENV
-    hf_dir: str = DEFAULT_HF_DIR
-    conserve_args: list[str] = field(default_factory=list)
-    server_timeout_s: float | None = None  # None: 300 s conserve, 600 s vLLM
-    load_fraction: float | None = None  # run at this fraction of the measured online capacity; None: fixed rate
-    calibration_requests: int = DEFAULT_BURST
-    sweep_slo_tbt_ms: list[float] = field(default_factory=list)  # empty: no trade-off sweep
-    sweep_token_budgets: list[int] = field(default_factory=lambda: list(DEFAULT_TOKEN_BUDGETS))
-    argv: list[str] = field(default_factory=lambda: list(sys.argv))
-
-    @property
-    def sweeping(self) -> bool:
-        return bool(self.sweep_slo_tbt_ms)
-
-    def tokenizer_json(self) -> str | None:
-        """The HF dir holds the served model's tokenizer: with it prompt lengths are exact."""
-        path = os.path.join(os.path.expanduser(self.hf_dir), "tokenizer.json")
-        return path if os.path.isfile(path) else None
 
 
 def _log(msg: str) -> None:

@@ -13,15 +13,12 @@ import shlex
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
 
 from conserve import machine
 from conserve.bench.calibrate import Calibration
 from conserve.bench.compare import SystemResult, check_targets, format_comparison, format_targets
-from conserve.bench.tradeoff import TradeoffPoint, write_tradeoff
-
-if TYPE_CHECKING:
-    from conserve.bench.coserve import CoserveOptions
+from conserve.bench.coserve_options import CoserveOptions
+from conserve.bench.tradeoff import LATENCY_LIMIT, OFFLINE_GOAL, TradeoffPoint, format_tradeoff
 
 
 def machine_summary(calibration: Calibration | None) -> dict:
@@ -77,3 +74,18 @@ def _dump(path: str, data: dict) -> str:
         json.dump(data, f, indent=2)
         f.write("\n")
     return path
+
+
+def write_tradeoff(points: Sequence[TradeoffPoint], out_dir: str, header: str) -> tuple[dict, list[str]]:
+    """Write coserve_tradeoff.md (header + table) and coserve_tradeoff.png; (the JSON entry, notes)."""
+    from conserve.bench.plots import write_tradeoff_plot  # matplotlib stays unimported until here
+
+    table = format_tradeoff(points)
+    print(table)
+    md_path = os.path.join(out_dir, "coserve_tradeoff.md")
+    with open(md_path, "w") as f:
+        f.write(f"# Co-serving trade-off\n\n{header}\n\n{table}\n")
+    plot, notes = write_tradeoff_plot(points, out_dir, LATENCY_LIMIT, OFFLINE_GOAL)
+    entry = {"points": [dataclasses.asdict(p) for p in points], "table_file": md_path, "plot_file": plot,
+             "latency_limit": LATENCY_LIMIT, "offline_goal": OFFLINE_GOAL}
+    return entry, notes

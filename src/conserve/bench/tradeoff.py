@@ -4,8 +4,6 @@ throughput over the non-preemptive bound's); the markdown table, the PNG and the
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -87,18 +85,3 @@ def format_tradeoff(points: Sequence[TradeoffPoint]) -> str:
               f"vllm-online-only when it ran). Offline fraction: offline tok/s over {BOUND}'s. Goal: both "
               f"ratios <= {LATENCY_LIMIT}x and offline fraction >= {OFFLINE_GOAL:.0%}."]
     return "\n".join(lines)
-
-
-def write_tradeoff(points: Sequence[TradeoffPoint], out_dir: str, header: str) -> tuple[dict, list[str]]:
-    """Write coserve_tradeoff.md (header + table) and coserve_tradeoff.png; (the JSON entry, notes)."""
-    from conserve.bench.plots import write_tradeoff_plot  # matplotlib stays unimported until here
-
-    table = format_tradeoff(points)
-    print(table)
-    md_path = os.path.join(out_dir, "coserve_tradeoff.md")
-    with open(md_path, "w") as f:
-        f.write(f"# Co-serving trade-off\n\n{header}\n\n{table}\n")
-    plot, notes = write_tradeoff_plot(points, out_dir, LATENCY_LIMIT, OFFLINE_GOAL)
-    entry = {"points": [dataclasses.asdict(p) for p in points], "table_file": md_path, "plot_file": plot,
-             "latency_limit": LATENCY_LIMIT, "offline_goal": OFFLINE_GOAL}
-    return entry, notes

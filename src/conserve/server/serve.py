@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
+
+from conserve.config import EngineConfig
+from conserve.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
 
-def add_serve_command(sub, parents, add_engine_args) -> None:
+def add_serve_command(sub, parents) -> None:
     p = sub.add_parser("serve", parents=parents, help="OpenAI-compatible HTTP server (online + offline)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--data-dir", default=str(Path.home() / ".local/share/conserve"),
-                   help="where uploaded files, batch jobs and their results live (survives restarts)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--served-model-name", default=None, help="model id reported by the API (default: file name)")
-    p.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted file upload")
-    p.add_argument("--max-batch-concurrency", type=int, default=64,
-                   help="batch lines submitted to the engine at once (keeps offline work saturated)")
-    add_engine_args(p)
+    ServerConfig.add_flags(p)
+    EngineConfig.add_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -28,7 +22,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from conserve.async_engine import AsyncEngine
-    from conserve.cli import engine_config
     from conserve.engine import Engine
     from conserve.server.app import build_app
     from conserve.server.batches import BatchRunner
@@ -38,8 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Open the durable store first: a data dir already used by another server fails before the
     # model is loaded.
-    store = Store(args.data_dir)
-    config = engine_config(args)
+    server = ServerConfig.from_flags(args)
+    store = Store(server.data_dir)
+    config = EngineConfig.from_flags(args)
 
     def make_engine() -> Engine:
         engine = Engine(config)
@@ -49,12 +43,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = Metrics()
     async_engine = AsyncEngine(make_engine, on_step=metrics.on_step)
     engine = async_engine.start()
-    name = args.served_model_name or engine.loaded.name
+    name = server.served_model_name or engine.loaded.name
     runners: list[BatchRunner] = []
 
     def batch_routes(serving):
-        runners.append(BatchRunner(store, serving.execute, max_concurrency=args.max_batch_concurrency))
-        return [files_batches_router(store, runners[0], int(args.max_upload_mb * 2**20))]
+        runners.append(BatchRunner(store, serving.execute, max_concurrency=server.max_batch_concurrency))
+        return [files_batches_router(store, runners[0], int(server.max_upload_mb * 2**20))]
 
     async def startup() -> None:
         await runners[0].start()  # resumes batches a previous server left unfinished
@@ -63,9 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await runners[0].shutdown()
         store.close()
 
-    app = build_app(async_engine, name, metrics, api_key=args.api_key, extra_routers=batch_routes,
+    app = build_app(async_engine, name, metrics, api_key=server.api_key, extra_routers=batch_routes,
                     on_startup=startup, on_shutdown=shutdown)
-    log.info("serving %s on http://%s:%d", name, args.host, args.port)
-    print(f"conserve: serving {name} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    log.info("serving %s on http://%s:%d", name, server.host, server.port)
+    print(f"conserve: serving {name} on http://{server.host}:{server.port}", flush=True)
+    uvicorn.run(app, host=server.host, port=server.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

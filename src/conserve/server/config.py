@@ -1,0 +1,40 @@
+"""ServerConfig: the flags of `conserve serve` beyond the engine's (EngineConfig)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from conserve.flags import add_flags, flag, from_flags
+
+
+@dataclass
+class ServerConfig:
+    host: str = flag("127.0.0.1", "address to listen on", group="server")
+    port: int = flag(8000, "port to listen on", group="server")
+    data_dir: str = flag(str(Path.home() / ".local/share/conserve"), "uploaded files, batch jobs and their "
+                         "results (survive restarts)", group="server", shown_default="`~/.local/share/conserve`")
+    api_key: str | None = flag(None, "require `Authorization: Bearer KEY` on `/v1/*`", group="server", type=str,
+                               metavar="KEY")
+    served_model_name: str | None = flag(None, "model id reported by the API", group="server", type=str,
+                                         shown_default="the model's file name")
+    max_upload_mb: float = flag(512.0, "largest accepted file upload, MiB", group="server")
+    max_batch_concurrency: int = flag(64, "batch lines in the engine at once, over all batches (keeps offline "
+                                      "work saturated)", group="server")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if not self.max_upload_mb > 0:
+            raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
+        if self.max_batch_concurrency < 1:
+            raise ValueError(f"max_batch_concurrency must be >= 1, got {self.max_batch_concurrency}")
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        add_flags(parser, cls)
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> ServerConfig:
+        return from_flags(cls, args)
