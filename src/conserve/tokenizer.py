@@ -177,6 +177,9 @@ def _normalize_templates(value: Any) -> dict[str, str]:
     return {}
 
 
+_LONG_TEXT = 4096  # characters from which encode releases the GIL (see Tokenizer.encode)
+
+
 # --- the tokenizer -------------------------------------------------------------------------------------
 
 
@@ -343,6 +346,11 @@ class Tokenizer:
     # -- encode / decode
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) >= _LONG_TEXT:
+            # `encode_batch` lets go of the GIL while it works and `encode` does not (measured: a
+            # 500k-character prompt held the GIL for 275 ms), so other threads -- the server's event
+            # loop above all -- keep running while a long prompt is encoded on a worker thread.
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
