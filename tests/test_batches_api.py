@@ -243,6 +243,20 @@ def test_cancel_mid_run(tmp_path):
             client.batches.cancel(b.id)
 
 
+def test_many_cancels_in_a_row_leave_the_concurrency_slots_free(tmp_path):
+    with serve(build_app(tmp_path / "data", max_concurrency=2)) as url:
+        client = client_for(url)
+        for round_no in range(8):  # each batch: two lines parked in execute, more still waiting
+            b = run_batch(client, [line(f"r{round_no}-{i}", sleep=60) for i in range(6)])
+            while client.batches.retrieve(b.id).status == "validating":
+                time.sleep(0.01)
+            client.batches.cancel(b.id)
+            assert wait_done(client, b.id).status == "cancelled"
+        b = wait_done(client, run_batch(client, [line(f"ok{i}") for i in range(6)]).id)
+        assert b.status == "completed" and b.request_counts.completed == 6
+        assert [o["custom_id"] for o in read_jsonl(client, b.output_file_id)] == [f"ok{i}" for i in range(6)]
+
+
 def test_completion_window_expiry(tmp_path):
     with serve(build_app(tmp_path / "data", max_concurrency=2, window_s=1.0)) as url:
         client = client_for(url)

@@ -99,6 +99,13 @@ def test_errors_use_openai_error_objects(client, model, server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
 
 
+def test_request_chat_templates_are_refused_by_default(client, model):
+    with pytest.raises(openai.BadRequestError, match="--trust-request-chat-template") as e:
+        client.chat.completions.create(model=model, messages=CHAT, max_tokens=2,
+                                       extra_body={"chat_template": "{{ messages[0].content }}"})
+    assert e.value.body["param"] == "chat_template" and e.value.body["type"] == "invalid_request_error"
+
+
 def test_client_disconnect_mid_stream_aborts_and_frees_blocks(client, model, server):
     stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=1000, stream=True,
                                             extra_body={"ignore_eos": True})

@@ -303,3 +303,10 @@ def test_hf_dir_errors_name_the_file(tmp_path: Path) -> None:
     (folder / "generation_config.json").write_text("{oops")
     with pytest.raises(ModelLoadError, match=r"generation_config\.json"):
         Tokenizer.from_hf_dir(folder)
+
+
+def test_long_texts_encode_the_same_through_the_gil_releasing_path(tok: Tokenizer) -> None:
+    text = "The quick brown fox, naïvely, jumps 123 times.\n" * 200  # past the long-text threshold
+    for specials in (True, False):
+        assert tok.encode(text, add_special_tokens=specials) == tok.backend.encode(
+            text, add_special_tokens=specials).ids

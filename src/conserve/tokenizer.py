@@ -6,24 +6,20 @@ an equivalent `tokenizers.Tokenizer` the way llama.cpp would tokenize. No torch 
 
 from __future__ import annotations
 
-import functools
 import json
 import mmap
 import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
 import numpy as np
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from conserve.chat_template import render as render_chat_template
 from conserve.errors import ModelLoadError
 
 # --- pre-tokenizer regexes, as llama.cpp applies them per `tokenizer.ggml.pre` ----------------------
@@ -172,31 +168,6 @@ def read_gguf_metadata(source: Any) -> tuple[dict[str, Any], str]:
 # --- chat templates ------------------------------------------------------------------------------------
 
 
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
-    # jinja's own tojson escapes HTML and non-ASCII; chat templates want the plain JSON text.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@functools.lru_cache(maxsize=32)
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
-
-
 def _normalize_templates(value: Any) -> dict[str, str]:
     """tokenizer_config's chat_template is a string or a list of {name, template}."""
     if isinstance(value, str):
@@ -204,6 +175,9 @@ def _normalize_templates(value: Any) -> dict[str, str]:
     if isinstance(value, list):
         return {str(t["name"]): str(t["template"]) for t in value if isinstance(t, Mapping)}
     return {}
+
+
+_LONG_TEXT = 4096  # characters from which encode releases the GIL (see Tokenizer.encode)
 
 
 # --- the tokenizer -------------------------------------------------------------------------------------
@@ -372,6 +346,11 @@ class Tokenizer:
     # -- encode / decode
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) >= _LONG_TEXT:
+            # `encode_batch` lets go of the GIL while it works and `encode` does not (measured: a
+            # 500k-character prompt held the GIL for 275 ms), so other threads -- the server's event
+            # loop above all -- keep running while a long prompt is encoded on a worker thread.
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -415,14 +394,14 @@ class Tokenizer:
                             tools: Sequence[Mapping[str, Any]] | None = None,
                             chat_template: str | None = None, **extra: Any) -> str:
         source = self._select_template(chat_template, tools)
-        context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **extra,
-                   "messages": messages, "tools": tools, "add_generation_prompt": add_generation_prompt}
-        try:
-            return _compile_template(source).render(**context)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template error: {e.message or e}") from e
-        except (TypeError, KeyError, IndexError, AttributeError) as e:  # bad message shapes
-            raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
+        return render_chat_template(source, self.chat_template_context(messages, add_generation_prompt, tools,
+                                                                       **extra))
+
+    def chat_template_context(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                              tools: Sequence[Mapping[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+        """The variables a chat template sees (for rendering a template elsewhere, e.g. in a sandbox)."""
+        return {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **extra,
+                "messages": messages, "tools": tools, "add_generation_prompt": add_generation_prompt}
 
     def _select_template(self, chat_template: str | None, tools: Any) -> str:
         if chat_template is not None:

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: str | None = None,
               extra_routers: Callable[[OpenAIServing], list] | None = None, on_startup=None,
-              on_shutdown=None) -> FastAPI:
+              on_shutdown=None, trust_request_chat_template: bool = False,
+              chat_template_timeout_s: float = 5.0) -> FastAPI:
     """engine: already started (AsyncEngine.start). extra_routers: given the serving object (whose
-    `execute` runs one request offline), returns more routers to mount (the Files and Batches API)."""
-    serving = OpenAIServing(engine, model_name, metrics)
+    `execute` runs one request offline), returns more routers to mount (the Files and Batches API).
+    trust_request_chat_template, chat_template_timeout_s: see OpenAIServing."""
+    serving = OpenAIServing(engine, model_name, metrics, trust_request_chat_template, chat_template_timeout_s)
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -41,6 +43,7 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
         finally:
             if on_shutdown is not None:
                 await on_shutdown()
+            await serving.aclose()
             engine.shutdown()
 
     app = FastAPI(title="conserve", version="0.1.0", lifespan=lifespan)

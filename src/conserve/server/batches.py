@@ -28,6 +28,11 @@ neither file. Both files have purpose "batch_output"; an empty one is not create
 Durability. A finished line is committed, with request_counts, before anything counts it; lines that
 finish together share one commit (one fsync). `start()` resumes every unfinished batch: committed lines
 are kept and not executed again, the rest run.
+
+Faults. A line in flight when the engine fails is run again once the engine is back, not committed as
+failed; a line that keeps failing the engine is committed as failed after a few tries (batch_retry.py).
+An internal error in a batch's driver (a store write failing, a bug) keeps the batch's status and its
+committed lines and drives it again after a back-off; no error path deletes committed lines.
 """
 
 from __future__ import annotations
@@ -42,18 +47,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conserve.server.batch_retry import EngineRetry
 from conserve.server.errors import APIError, error_body
 from conserve.server.store import Batch, LineResult, PendingFile, Store, new_id
 
 log = logging.getLogger(__name__)
 
-# Runs one line's body as a non-streaming, offline POST to the endpoint; returns (status, json body).
+# Runs one line's body as a non-streaming, offline POST to the endpoint; returns (status, json body),
+# or raises EngineDeadError when the engine failed under it (see batch_retry.py).
 Execute = Callable[[str, dict], Awaitable[tuple[int, dict]]]
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 MAX_BATCH_ERRORS = 100  # errors.data entries kept for a failed batch; the last one summarizes the rest
+MAX_DRIVER_DELAY_S = 60.0  # the longest back-off before driving a batch again after an internal error
 _BOM = b"\xef\xbb\xbf"
+
+
+class _InputGone(Exception):
+    """The input file was deleted while the batch ran: its remaining lines cannot be read."""
 
 
 class _BadLine(Exception):
@@ -75,20 +87,26 @@ class _Job:
     task: asyncio.Task | None = None
     lines: set[asyncio.Task] = field(default_factory=set)
     stop: str | None = None  # "cancel" or "expire": start no more lines, cut the running ones off
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set with `stop`: ends a back-off early
     timer: asyncio.TimerHandle | None = None
 
 
 class BatchRunner:
     """Runs batches against `execute`, at most `max_concurrency` lines at once over all batches (enough
-    to keep the engine's offline queue full). `window_s` overrides the 24h completion window (tests)."""
+    to keep the engine's offline queue full). `window_s` overrides the 24h completion window (tests).
+    `retry` handles engine faults (default: EngineRetry(), which assumes the engine is always ready);
+    `driver_delay_s` is the first back-off after an internal error in a batch's driver."""
 
     def __init__(self, store: Store, execute: Execute, max_concurrency: int = 64,
-                 window_s: float | None = None) -> None:
+                 window_s: float | None = None, retry: EngineRetry | None = None,
+                 driver_delay_s: float = 1.0) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.store = store
         self._execute = execute
         self._window_s = window_s
+        self._retry = retry if retry is not None else EngineRetry()
+        self._driver_delay_s = driver_delay_s
         self._slots = asyncio.Semaphore(max_concurrency)
         self._committer = _GroupCommitter(store)
         self._jobs: dict[str, _Job] = {}
@@ -176,32 +194,53 @@ class BatchRunner:
     def _stop(self, job: _Job, reason: str) -> None:
         if job.stop is None:
             job.stop = reason
+            job.stopped.set()
             for task in list(job.lines):
                 task.cancel()
 
     async def _drive(self, job: _Job) -> None:
+        """Drive the batch to its end. An internal error leaves the batch as it is (status and committed
+        lines) and drives it again after a back-off: every step is safe to repeat."""
+        errors = 0
         try:
-            batch = self._batch(job.batch_id)
-            if batch.status == "validating":
-                batch = await self._validate(batch)
-            if batch.status == "in_progress" and job.stop is None:
-                await self._run_lines(job, batch)
-            if batch.status != "failed":
-                await self._committer.flush()  # lines cut off mid-commit are in before the files are written
-                await self._finalize(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.exception("batch %s failed", job.batch_id)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.store.finish_batch, job.batch_id, (), status="failed",
-                                        failed_at=int(time.time()),
-                                        errors=[_batch_error("internal_error", f"{type(e).__name__}: {e}")])
+            while True:
+                try:
+                    await self._drive_once(job)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except _InputGone as e:
+                    await self._fail_keeping_results(job.batch_id, e)
+                    return
+                except Exception:
+                    errors += 1
+                    delay = min(self._driver_delay_s * 2 ** (errors - 1), MAX_DRIVER_DELAY_S)
+                    log.exception("batch %s: internal error; its committed lines are kept and it runs again "
+                                  "in %.1f s", job.batch_id, delay)
+                    with contextlib.suppress(asyncio.TimeoutError):  # a cancel or expiry cuts the wait short
+                        await asyncio.wait_for(job.stopped.wait(), delay)
         finally:
             if job.timer is not None:
                 job.timer.cancel()
             if self._jobs.get(job.batch_id) is job:
                 del self._jobs[job.batch_id]
+
+    async def _drive_once(self, job: _Job) -> None:
+        batch = self._batch(job.batch_id)
+        if batch.status == "validating":
+            batch = await self._validate(batch)
+        if batch.status == "in_progress" and job.stop is None:
+            await self._run_lines(job, batch)
+        if batch.status != "failed":
+            await self._committer.flush()  # lines cut off mid-commit are in before the files are written
+            await self._finalize(job)
+
+    async def _fail_keeping_results(self, batch_id: str, e: _InputGone) -> None:
+        """The batch cannot go on: fail it, with the lines it finished in its output and error files."""
+        log.error("batch %s failed: %s", batch_id, e)
+        await self._committer.flush()
+        await asyncio.to_thread(self._write_results, batch_id, "failed", "failed_at",
+                                errors=[_batch_error("file_not_found", str(e), "input_file_id")])
 
     def _batch(self, batch_id: str) -> Batch:
         batch = self.store.get_batch(batch_id)
@@ -233,50 +272,62 @@ class BatchRunner:
         try:
             f = open(self.store.file_path(batch.input_file_id), "rb")
         except FileNotFoundError:
-            raise RuntimeError(f"the input file {batch.input_file_id} was deleted before the batch finished")
+            raise _InputGone(f"the input file {batch.input_file_id} was deleted before the batch finished") from None
+        # A line whose commit failed: kept here, as its task may be long gone from job.lines when
+        # the loop ends, and its line must not go missing from a "completed" batch.
+        errors: list[BaseException] = []
+
+        def line_ended(task: asyncio.Task) -> None:
+            job.lines.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                errors.append(task.exception())
+
         try:
             with f:
                 for line_no, raw in enumerate(f, 1):
-                    if job.stop is not None:
+                    if job.stop is not None or errors:
                         break
                     if line_no in done or not raw.strip():
                         continue
                     await self._slots.acquire()
-                    if job.stop is not None:
+                    if job.stop is not None or errors:
                         self._slots.release()
                         break
                     task = asyncio.create_task(self._run_line(batch, line_no, raw))
+                    # Released when the task ends, however it ends: a task cancelled before its first
+                    # step never runs its own finally blocks, and would keep the slot for good.
+                    task.add_done_callback(self._release_slot)
+                    task.add_done_callback(line_ended)
                     job.lines.add(task)
-                    task.add_done_callback(job.lines.discard)
-            outcomes = await asyncio.gather(*job.lines, return_exceptions=True)
+            await asyncio.gather(*job.lines, return_exceptions=True)
         except BaseException:  # shutdown: cut the running lines off; they resume on the next start
             for task in job.lines:
                 task.cancel()
             await asyncio.gather(*job.lines, return_exceptions=True)
             raise
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):  # a commit failed: the batch cannot be trusted to finish
-                raise outcome
+        if errors:  # a commit failed: the batch cannot be trusted to finish (the driver runs it again)
+            raise errors[0]
+
+    def _release_slot(self, _: asyncio.Task) -> None:
+        self._slots.release()
 
     async def _run_line(self, batch: Batch, line_no: int, raw: bytes) -> None:
         try:
+            custom_id, body = parse_line(raw, batch.endpoint)  # parsed again: memory stays flat
+        except _BadLine as e:
+            row = LineResult(batch.id, line_no, False, _error_doc(e.custom_id, e.code, f"line {line_no}: {e}"))
+        else:
             try:
-                custom_id, body = parse_line(raw, batch.endpoint)  # parsed again: memory stays flat
-            except _BadLine as e:
-                row = LineResult(batch.id, line_no, False, _error_doc(e.custom_id, e.code, f"line {line_no}: {e}"))
-            else:
-                try:
-                    status, answer = await self._execute(batch.endpoint, body)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # a bug behind execute: fail this line, keep the batch going
-                    log.exception("batch %s line %d", batch.id, line_no)
-                    status, answer = 500, error_body(500, f"internal error: {type(e).__name__}")
-                row = LineResult(batch.id, line_no, 200 <= status < 300, _response_doc(custom_id, status, answer))
-            # Shielded: a line that finished is committed even if a cancel arrives meanwhile.
-            await asyncio.shield(self._committer.put(row))
-        finally:
-            self._slots.release()
+                status, answer = await self._retry.run(lambda: self._execute(batch.endpoint, body),
+                                                       f"batch {batch.id} line {line_no}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug behind execute: fail this line, keep the batch going
+                log.exception("batch %s line %d", batch.id, line_no)
+                status, answer = 500, error_body(500, f"internal error: {type(e).__name__}")
+            row = LineResult(batch.id, line_no, 200 <= status < 300, _response_doc(custom_id, status, answer))
+        # Shielded: a line that finished is committed even if a cancel arrives meanwhile.
+        await asyncio.shield(self._committer.put(row))
 
     async def _finalize(self, job: _Job) -> None:
         batch = self._batch(job.batch_id)
@@ -286,8 +337,8 @@ class BatchRunner:
         elif job.stop == "expire" and batch.status != "finalizing":
             done = self.store.finished_lines(batch.id)
             late = await asyncio.to_thread(_expired_lines, self.store.file_path(batch.input_file_id), batch, done)
-            if late:
-                await asyncio.to_thread(self.store.update_batch, batch.id, results=late)
+            if late is None or late:
+                await asyncio.to_thread(self.store.update_batch, batch.id, results=late or ())
                 final, stamp = "expired", "expired_at"
         if final is None:
             batch = await asyncio.to_thread(self.store.update_batch, batch.id, if_status=("in_progress",),
@@ -296,7 +347,7 @@ class BatchRunner:
                             else ("completed", "completed_at"))
         await asyncio.to_thread(self._write_results, batch.id, final, stamp)
 
-    def _write_results(self, batch_id: str, status: str, stamp: str) -> Batch:
+    def _write_results(self, batch_id: str, status: str, stamp: str, **changes) -> Batch:
         """Write the output and error files, then register them and the final status in one commit."""
         files: list[tuple[PendingFile, str]] = []
         ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
@@ -311,7 +362,8 @@ class BatchRunner:
                 if pending is not None:
                     pending.seal()
                     ids[key] = pending.id
-            return self.store.finish_batch(batch_id, files, status=status, **{stamp: int(time.time())}, **ids)
+            return self.store.finish_batch(batch_id, files, status=status, **{stamp: int(time.time())}, **ids,
+                                           **changes)
         except BaseException:
             for pending, _ in files:
                 pending.discard()
@@ -428,10 +480,15 @@ def _validate_file(path: Path, batch_id: str, endpoint: str) -> _Validation:
     return found
 
 
-def _expired_lines(path: Path, batch: Batch, done: set[int]) -> list[LineResult]:
-    """Error rows for the lines the completion window cut off."""
+def _expired_lines(path: Path, batch: Batch, done: set[int]) -> list[LineResult] | None:
+    """Error rows for the lines the completion window cut off; None if the input file is gone (the
+    lines cannot be named then, but the batch did expire)."""
     late = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
         for line_no, raw in enumerate(f, 1):
             if line_no in done or not raw.strip():
                 continue

@@ -22,6 +22,15 @@ class ServerConfig:
     max_upload_mb: float = flag(512.0, "largest accepted file upload, MiB", group="server")
     max_batch_concurrency: int = flag(64, "batch lines in the engine at once, over all batches (keeps offline "
                                       "work saturated)", group="server")
+    batch_max_engine_faults: int = flag(3, "a batch line in flight when the engine fails is run again once the "
+                                        "engine is back; at its Nth engine fault it is committed as failed with "
+                                        "a `server_error` (1: no retries)", group="server", metavar="N")
+    trust_request_chat_template: bool = flag(False, "run the `chat_template` a chat request brings (off: a "
+                                             "template is code, such requests get 400); each one renders in a "
+                                             "sandbox process with a time and memory limit", group="server")
+    request_chat_template_timeout: float = flag(5.0, "time limit for rendering a request's own chat template, "
+                                                "seconds; a template that runs longer gets 400", group="server",
+                                                metavar="SECONDS")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -30,6 +39,10 @@ class ServerConfig:
             raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
         if self.max_batch_concurrency < 1:
             raise ValueError(f"max_batch_concurrency must be >= 1, got {self.max_batch_concurrency}")
+        if self.batch_max_engine_faults < 1:
+            raise ValueError(f"batch_max_engine_faults must be >= 1, got {self.batch_max_engine_faults}")
+        if not self.request_chat_template_timeout > 0:
+            raise ValueError(f"request_chat_template_timeout must be > 0, got {self.request_chat_template_timeout}")
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:

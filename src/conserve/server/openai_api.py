@@ -6,7 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -21,6 +22,7 @@ from conserve.sampling_params import SamplingParams
 from conserve.server.errors import APIError, error_body, validation_message
 from conserve.server.metrics import Metrics
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from conserve.server.template_sandbox import TemplateSandbox
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
@@ -37,17 +39,36 @@ class _Job:
     arrival: float = field(default_factory=time.monotonic)
 
 
+UNTRUSTED_TEMPLATE = ("this request brings its own chat_template, and a template is code: this server runs "
+                      "only the model's own templates (by name, or the default) unless it is started with "
+                      "--trust-request-chat-template")
+
+
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics) -> None:
+    """trust_request_chat_template: run chat templates that requests bring (vLLM's flag of that name),
+    each in a sandbox process limited to chat_template_timeout_s seconds."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics,
+                 trust_request_chat_template: bool = False, chat_template_timeout_s: float = 5.0) -> None:
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        self.trust_request_chat_template = trust_request_chat_template
+        self.template_sandbox = TemplateSandbox(chat_template_timeout_s) if trust_request_chat_template else None
+        # Template rendering and tokenisation run here, not on the event loop: a long prompt takes
+        # milliseconds to encode, and the loop must keep answering (and streaming) meanwhile.
+        self._prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="conserve-prompt")
+
+    async def aclose(self) -> None:
+        if self.template_sandbox is not None:
+            await self.template_sandbox.aclose()
+        self._prompt_pool.shutdown(wait=False)
 
     # -- entry points --------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: Request | None = None):
-        jobs = self._chat_jobs(req)
+        jobs = await self._chat_jobs(req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(self._stream(jobs, "chat.completion.chunk", include_usage, chat=True, echo=False))
@@ -55,7 +76,7 @@ class OpenAIServing:
         return self._chat_response(jobs, outs)
 
     async def completion(self, req: CompletionRequest, raw: Request | None = None):
-        jobs = self._completion_jobs(req)
+        jobs = await self._completion_jobs(req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(self._stream(jobs, "text_completion", include_usage, chat=False, echo=req.echo))
@@ -63,20 +84,24 @@ class OpenAIServing:
         return self._completion_response(jobs, outs, req.echo)
 
     async def execute(self, endpoint: str, body: dict) -> tuple[int, dict]:
-        """Run one batch line as an offline, non-streaming request; never raises for bad input."""
+        """Run one batch line as an offline, non-streaming request; never raises for bad input.
+        Raises EngineDeadError when the engine failed (or is restarting) under the request: that is
+        no answer for the line, which the batch runner runs again once the engine is back."""
         try:
             if endpoint == CHAT:
                 req = ChatCompletionRequest.model_validate({**body, "stream": False, "service_tier": "flex"})
-                jobs = self._chat_jobs(req)
+                jobs = await self._chat_jobs(req)
                 return 200, self._chat_response(jobs, await self._collect(jobs, None))
             if endpoint == COMPLETIONS:
                 req = CompletionRequest.model_validate({**body, "stream": False, "service_tier": "flex"})
-                jobs = self._completion_jobs(req)
+                jobs = await self._completion_jobs(req)
                 return 200, self._completion_response(jobs, await self._collect(jobs, None), req.echo)
             return 400, error_body(400, f"unsupported endpoint {endpoint!r}")
         except ValidationError as e:
             return 400, error_body(400, validation_message(e.errors()))
         except APIError as e:
+            if isinstance(e.__cause__, EngineDeadError):
+                raise e.__cause__ from None
             return e.status, error_body(e.status, e.message, e.param, e.code)
 
     # -- requests in ---------------------------------------------------------------------------
@@ -85,22 +110,46 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            "model", "model_not_found")
 
-    def _chat_jobs(self, req: ChatCompletionRequest) -> list[_Job]:
+    async def _off_loop(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, fn, *args)
+
+    async def _chat_jobs(self, req: ChatCompletionRequest) -> list[_Job]:
         self._check_model(req.model)
+        conversation = req.conversation()
+        template = req.chat_template
         try:
-            text = self.tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=req.add_generation_prompt,
-                                                      chat_template=req.chat_template)
+            if template is not None and template not in self.tokenizer.chat_templates:  # the template itself
+                if self.template_sandbox is None:
+                    raise APIError(400, UNTRUSTED_TEMPLATE, "chat_template")
+                context = self.tokenizer.chat_template_context(conversation, req.add_generation_prompt)
+                text = await self.template_sandbox.render(template, context)
+                ids = await self._off_loop(self._encode_chat, text)
+            else:  # the model's own template: trusted, rendered in-process
+                ids = await self._off_loop(self._render_and_encode, conversation, req.add_generation_prompt,
+                                           template)
         except ValueError as e:
-            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+            raise APIError(400, f"cannot apply the chat template: {e}",
+                           "messages" if template is None else "chat_template") from None
         return [self._job(ids, None, req.requested_max_tokens(), req.to_params, req.request_class)]
 
-    def _completion_jobs(self, req: CompletionRequest) -> list[_Job]:
+    def _render_and_encode(self, conversation: list[dict], add_generation_prompt: bool,
+                           template: str | None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                  chat_template=template)
+        return self._encode_chat(text)
+
+    def _encode_chat(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
+
+    async def _completion_jobs(self, req: CompletionRequest) -> list[_Job]:
         self._check_model(req.model)
+        prompts = req.prompts()
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await self._off_loop(lambda: [self.tokenizer.encode(t) for t in texts]) if texts else ())
         jobs = []
-        for prompt in req.prompts():
+        for prompt in prompts:
             if isinstance(prompt, str):
-                ids, text = self.tokenizer.encode(prompt), prompt
+                ids, text = next(encoded), prompt
             else:
                 ids, text = list(prompt), None
             jobs.append(self._job(ids, text, req.max_tokens, req.to_params, req.request_class))
@@ -144,8 +193,8 @@ class OpenAIServing:
                 yield out
         except RequestError as e:
             raise APIError(400, str(e)) from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e)) from None
+        except EngineDeadError as e:  # the cause stays attached: execute() hands it to the batch runner
+            raise APIError(503, str(e)) from e
 
     async def _collect(self, jobs: list[_Job], raw: Request | None) -> list[RequestOutput]:
         async def last(job: _Job) -> RequestOutput:

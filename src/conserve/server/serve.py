@@ -24,6 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from conserve.async_engine import AsyncEngine
     from conserve.engine import Engine
     from conserve.server.app import build_app
+    from conserve.server.batch_retry import EngineRetry
     from conserve.server.batches import BatchRunner
     from conserve.server.files_batches_api import router as files_batches_router
     from conserve.server.metrics import Metrics
@@ -31,7 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Open the durable store first: a data dir already used by another server fails before the
     # model is loaded.
-    server = ServerConfig.from_flags(args)
+    server = ServerConfig.from_flags(args)  # flags checked before the model loads
+    retry = EngineRetry(lambda: async_engine.is_running, max_faults=server.batch_max_engine_faults)
     store = Store(server.data_dir)
     config = EngineConfig.from_flags(args)
 
@@ -47,7 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runners: list[BatchRunner] = []
 
     def batch_routes(serving):
-        runners.append(BatchRunner(store, serving.execute, max_concurrency=server.max_batch_concurrency))
+        runners.append(BatchRunner(store, serving.execute, max_concurrency=server.max_batch_concurrency,
+                                   retry=retry))
         return [files_batches_router(store, runners[0], int(server.max_upload_mb * 2**20))]
 
     async def startup() -> None:
@@ -58,7 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store.close()
 
     app = build_app(async_engine, name, metrics, api_key=server.api_key, extra_routers=batch_routes,
-                    on_startup=startup, on_shutdown=shutdown)
+                    on_startup=startup, on_shutdown=shutdown,
+                    trust_request_chat_template=server.trust_request_chat_template,
+                    chat_template_timeout_s=server.request_chat_template_timeout)
     log.info("serving %s on http://%s:%d", name, server.host, server.port)
     print(f"conserve: serving {name} on http://{server.host}:{server.port}", flush=True)
     uvicorn.run(app, host=server.host, port=server.port, log_level="warning", timeout_graceful_shutdown=5)
