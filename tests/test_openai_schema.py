@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("jsonschema_rs")
 
-from openai_schema import assert_valid, source  # noqa: E402
+from openai_schema import assert_valid, errors, source  # noqa: E402
 from server_util import Server  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -75,6 +75,34 @@ def test_schemas_record_their_source():
     src = source()
     assert src["repository"] == "https://github.com/openai/openai-openapi" and src["license"] == "MIT"
     assert re.fullmatch(r"[0-9a-f]{40}", src["commit"])
+
+
+def test_schema_check_rejects_shapes_this_server_used_to_send():
+    """The validator is not vacuous: each shape fixed for this test is refused, its fix accepted."""
+    head = {"id": "x", "created": 1, "model": "m"}
+    message = {"role": "assistant", "content": "hi"}
+    chat = {**head, "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]}
+    assert errors("CreateChatCompletionResponse", chat)
+    message["refusal"] = None
+    assert not errors("CreateChatCompletionResponse", chat)
+    choice = {"index": 0, "delta": {}, "finish_reason": None, "logprobs": {"content": []}}
+    assert errors("CreateChatCompletionStreamResponse", {**head, "object": "chat.completion.chunk",
+                                                         "choices": [choice]})
+    completion_chunk = {**head, "object": "text_completion", "usage": None,
+                        "choices": [{"index": 0, "text": "a", "logprobs": None, "finish_reason": None}]}
+    assert errors("CompletionChunk", completion_chunk)
+    del completion_chunk["usage"]
+    assert not errors("CompletionChunk", completion_chunk)
+    assert errors("CreateCompletionResponse", completion_chunk)  # a whole response must say why it ended
+    file = {"id": "f", "object": "file", "bytes": 1, "created_at": 1, "filename": "a", "purpose": "batch",
+            "status": "processed"}
+    assert not errors("OpenAIFile", file) and errors("OpenAIFile", {**file, "expires_at": None})
+    batch = {"id": "b", "object": "batch", "endpoint": "/v1/completions", "input_file_id": "f",
+             "completion_window": "24h", "status": "completed", "created_at": 1, "metadata": None}
+    assert not errors("Batch", batch) and errors("Batch", {**batch, "errors": None})
+    assert errors("ListFilesResponse", {"object": "list", "data": [], "first_id": None, "last_id": None,
+                                        "has_more": False})
 
 
 def test_models(http, model):
