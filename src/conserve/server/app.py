@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve.async_engine import AsyncEngine
-from conserve.server.errors import APIError, error_response, validation_message
+from conserve.server.errors import APIError, error_response, validation_message, validation_param
 from conserve.server.metrics import Metrics
 from conserve.server.openai_api import OpenAIServing
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -70,7 +70,7 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
         errors = e.errors()
         if errors and errors[0].get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON")
-        return error_response(400, validation_message(errors))
+        return error_response(400, validation_message(errors), validation_param(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):

@@ -34,3 +34,15 @@ def validation_message(errors: list[dict]) -> str:
         msg = err.get("msg", "invalid")
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
+
+
+def validation_param(errors: list[dict]) -> str | None:
+    """The parameter the first pydantic error is about, as OpenAI names it (`messages[0].role`)."""
+    if not errors:
+        return None
+    path = ""
+    for part in errors[0].get("loc", ()):
+        if part == "body" and not path:
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None

@@ -60,7 +60,7 @@ def router(store: Store, runner: BatchRunner, max_upload_bytes: int) -> APIRoute
                                           ascending=order == "asc")
         except LookupError:
             raise APIError(400, f"after: no such file {q.get('after')!r}", "after") from None
-        return _page([f.to_api() for f in page], more)
+        return _page([f.to_api() for f in page], more, ids_required=True)
 
     @r.get("/v1/files/{file_id}")
     async def get_file(file_id: str) -> dict:
@@ -98,7 +98,7 @@ def router(store: Store, runner: BatchRunner, max_upload_bytes: int) -> APIRoute
             page, more = store.list_batches(_limit(q.get("limit"), 20, 100), q.get("after"))
         except LookupError:
             raise APIError(400, f"after: no such batch {q.get('after')!r}", "after") from None
-        return _page([b.to_api() for b in page], more)
+        return _page([b.to_api() for b in page], more, ids_required=False)
 
     @r.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> dict:
@@ -121,9 +121,15 @@ def _file(store: Store, file_id: str):
     return rec
 
 
-def _page(data: list[dict], has_more: bool) -> dict:
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+def _page(data: list[dict], has_more: bool, ids_required: bool) -> dict:
+    """A list page. OpenAI's schemas type first_id/last_id as strings, never null: an empty page leaves
+    them out where they are optional (batches) and sends "" where they are required (files)."""
+    page = {"object": "list", "data": data, "has_more": has_more}
+    if data:
+        page.update(first_id=data[0]["id"], last_id=data[-1]["id"])
+    elif ids_required:
+        page.update(first_id="", last_id="")
+    return page
 
 
 def _limit(raw: str | None, default: int, most: int) -> int:

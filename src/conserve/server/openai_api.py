@@ -19,7 +19,7 @@ from conserve.errors import RequestError
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.request import RequestClass
 from conserve.sampling_params import SamplingParams
-from conserve.server.errors import APIError, error_body, validation_message
+from conserve.server.errors import APIError, error_body, validation_message, validation_param
 from conserve.server.metrics import Metrics
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from conserve.server.template_sandbox import TemplateSandbox
@@ -98,7 +98,7 @@ class OpenAIServing:
                 return 200, self._completion_response(jobs, await self._collect(jobs, None), req.echo)
             return 400, error_body(400, f"unsupported endpoint {endpoint!r}")
         except ValidationError as e:
-            return 400, error_body(400, validation_message(e.errors()))
+            return 400, error_body(400, validation_message(e.errors()), validation_param(e.errors()))
         except APIError as e:
             if isinstance(e.__cause__, EngineDeadError):
                 raise e.__cause__ from None
@@ -225,7 +225,7 @@ class OpenAIServing:
     def _chat_response(self, jobs: list[_Job], outs: list[RequestOutput]) -> dict:
         choices = []
         for o in outs[0].outputs:
-            choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
+            choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text, "refusal": None},
                             "logprobs": self._chat_logprobs(o.logprobs) if o.logprobs is not None else None,
                             "finish_reason": o.finish_reason})
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -253,7 +253,8 @@ class OpenAIServing:
 
     def _chat_logprobs(self, lps: list[TokenLogprobs]) -> dict:
         return {"content": [{**self._token_entry(lp.token_id, lp.logprob),
-                             "top_logprobs": [self._token_entry(t, v) for t, v in lp.top]} for lp in lps]}
+                             "top_logprobs": [self._token_entry(t, v) for t, v in lp.top]} for lp in lps],
+                "refusal": None}
 
     def _completion_logprobs(self, lps: list[TokenLogprobs], offset: int) -> dict:
         tokens, offsets = [], []
@@ -286,7 +287,8 @@ class OpenAIServing:
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             event = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
-            if include_usage:
+            # OpenAI's chunk schema allows `"usage": null` on chat chunks only; completion chunks leave it out.
+            if include_usage and (chat or usage is not None):
                 event["usage"] = usage
             return event
 
@@ -304,8 +306,8 @@ class OpenAIServing:
         sent: dict[tuple[int, int], tuple[int, int]] = {}  # (job, choice) -> (chars, tokens) sent
         try:
             if chat:
-                yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for c in range(jobs[0].params.n)])
+                yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                             for c in range(jobs[0].params.n)])
             elif echo:
                 yield chunk([{"index": i * j.params.n + c, "text": self._prompt_text(j), "logprobs": None,
                               "finish_reason": None} for i, j in enumerate(jobs) for c in range(j.params.n)])
@@ -333,10 +335,11 @@ class OpenAIServing:
             return None
         sent[(i, o.index)] = (len(o.text), len(o.token_ids))
         index = i * job.params.n + o.index
-        if chat:
-            return {"index": index, "delta": {"content": text} if text else {},
-                    "logprobs": self._chat_logprobs(new_lps) if new_lps else None,
-                    "finish_reason": o.finish_reason}
+        if chat:  # a chat chunk choice's `logprobs` is an object or absent in OpenAI's schema
+            choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": o.finish_reason}
+            if new_lps:
+                choice["logprobs"] = self._chat_logprobs(new_lps)
+            return choice
         return {"index": index, "text": text,
                 "logprobs": self._completion_logprobs(new_lps, chars) if new_lps else None,
                 "finish_reason": o.finish_reason}

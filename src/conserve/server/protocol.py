@@ -20,17 +20,19 @@ class _SamplingRequest(BaseModel):
     # Unknown fields are ignored (as vLLM does); known fields are type-checked.
     model_config = ConfigDict(extra="ignore")
 
+    # Ranges are OpenAI's (its OpenAPI spec); out of range is a 400 naming the parameter. Fields the spec
+    # marks nullable accept null, meaning the default.
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(1, ge=1, le=128)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     user: str | None = None
     service_tier: str | None = None
     # vLLM extras
@@ -47,21 +49,28 @@ class _SamplingRequest(BaseModel):
         return RequestClass.OFFLINE if self.service_tier == "flex" else RequestClass.ONLINE
 
     def _check_unsupported(self) -> None:
-        if self.presence_penalty or self.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported by this server",
-                           "presence_penalty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported by this server (only 0)", name)
         if self.service_tier not in (None, "auto", "default", "flex"):
             raise APIError(400, f"service_tier must be auto, default or flex, got {self.service_tier!r}",
                            "service_tier")
-        if self.n > 16:
-            raise APIError(400, "n must be at most 16", "n")
+        if self.choices > 16:
+            raise APIError(400, "n must be at most 16 on this server", "n")
+
+    @property
+    def choices(self) -> int:
+        return 1 if self.n is None else self.n
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         self._check_unsupported()
+        top_p, top_k = 1.0 if self.top_p is None else self.top_p, self.top_k or 0
+        if top_p == 0:  # OpenAI allows it: the nucleus is the single most likely token
+            top_p, top_k = 1.0, 1
         try:
             return SamplingParams(
-                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                n=self.choices, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=top_p, top_k=top_k,
                 min_p=self.min_p or 0.0, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                 stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
@@ -93,8 +102,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -124,19 +133,17 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    echo: bool = False
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=0, le=20)
 
     def to_params(self, max_tokens: int | None) -> SamplingParams:
         if self.suffix:
             raise APIError(400, "suffix is not supported by this server", "suffix")
-        if self.best_of not in (None, self.n):
+        if self.best_of not in (None, self.choices):
             raise APIError(400, "best_of is not supported by this server", "best_of")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
-            raise APIError(400, "logprobs must be between 0 and 5", "logprobs")
         return self.sampling_params(max_tokens, self.logprobs)
 
     def prompts(self) -> list[str | list[int]]:

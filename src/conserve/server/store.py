@@ -76,9 +76,9 @@ class FileRecord:
     purpose: str
 
     def to_api(self) -> dict:
+        # OpenAI's schema has no null for expires_at or status_details: files never expire here, so both are left out.
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "status_details": None, "expires_at": None}
+                "filename": self.filename, "purpose": self.purpose, "status": "processed"}
 
 
 @dataclass
@@ -108,7 +108,9 @@ class Batch:
     errors: list[dict] = field(default_factory=list)  # whole-batch errors: [{code, message, param, line}]
 
     def to_api(self) -> dict:
-        return {
+        """OpenAI's batch object. Its schema types the optional fields (file ids, timestamps, errors) without
+        null, so the ones not set yet are left out; metadata alone is nullable."""
+        batch = {
             "id": self.id, "object": "batch", "endpoint": self.endpoint,
             "errors": {"object": "list", "data": self.errors} if self.errors else None,
             "input_file_id": self.input_file_id, "completion_window": self.completion_window,
@@ -118,8 +120,8 @@ class Batch:
             "completed_at": self.completed_at, "failed_at": self.failed_at, "expired_at": self.expired_at,
             "cancelling_at": self.cancelling_at, "cancelled_at": self.cancelled_at,
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
-            "metadata": self.metadata,
         }
+        return {**{k: v for k, v in batch.items() if v is not None}, "metadata": self.metadata}
 
 
 @dataclass
