@@ -18,9 +18,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations dtype; auto picks bfloat16 where the CPU has native "
                         "bf16 instructions (or on CUDA), else float32")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    g.add_argument("--int4", default="auto", choices=["auto", "off"],
-                   help="auto: run GGUF Q4_0/Q4_1 weights with int4 kernels when an iteration has few "
-                        "tokens (bfloat16 on CPU; ~2x faster single-stream decode); off: bfloat16 only")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantised matmuls for iterations of few tokens (CPU; bfloat16 or "
+                        "float32 activations). auto: follow a GGUF file (Q4_0/Q4_1 -> int4, Q8_0 -> int8, "
+                        "HF checkpoints stay dense); int8/int4: quantise every layer projection at load "
+                        "(lm_head int8); none: dense only. Up to which iteration size they run is measured "
+                        "at start-up and cached per CPU (see --quant-max-tokens)")
+    g.add_argument("--quant-max-tokens", type=int, default=None,
+                   help="largest iteration (tokens; logit rows for lm_head) that uses the quantised weights "
+                        "(default: measured by a start-up micro-benchmark, cached in --kernel-cache-dir)")
+    g.add_argument("--kernel-cache-dir", default=str(Path.home() / ".cache/conserve/kernels"),
+                   help="where measured quantised-matmul cross-overs are cached (per CPU model)")
+    g.add_argument("--int4", default=None, choices=["auto", "off"],
+                   help="deprecated: --int4 off is --quantization none; --int4 auto changes nothing")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
     g.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache, GiB")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
@@ -72,7 +82,9 @@ def engine_config(args: argparse.Namespace):
                         num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                         max_offline_batched_tokens=args.max_offline_batched_tokens,
-                        seed=getattr(args, "seed", None) or 0, int4=args.int4, scheduler=args.scheduler,
+                        seed=getattr(args, "seed", None) or 0, int4=args.int4, quantization=args.quantization,
+                        quant_max_tokens=args.quant_max_tokens, kernel_cache_dir=args.kernel_cache_dir,
+                        scheduler=args.scheduler,
                         slo_ttft_ms=args.slo_ttft_ms, slo_tbt_ms=args.slo_tbt_ms, token_budget=args.token_budget,
                         max_iteration_ms=args.max_iteration_ms, latency_model=args.latency_model,
                         latency_cache_dir=args.latency_cache_dir, preemption=args.preemption,

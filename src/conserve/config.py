@@ -9,6 +9,9 @@ from conserve.kv.offload import OFFLINE_KV_MODES
 from conserve.preemption import PREEMPTION_MODES
 from conserve.sched.config import SchedulerConfig
 
+# Weight-only quantised matmuls (model/quant.py says what each mode quantises).
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+
 
 @dataclass
 class EngineConfig:
@@ -22,7 +25,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # token budget of one iteration
     max_num_seqs: int = 256
     seed: int = 0
-    int4: str = "auto"  # "auto": int4 kernels for GGUF Q4 weights at small batches (bf16 CPU); "off"
+    quantization: str = "auto"  # auto | none | int8 | int4 (see model/quant.py)
+    quant_max_tokens: int | None = None  # largest iteration using quantised weights; None: measured
+    kernel_cache_dir: str = str(Path.home() / ".cache/conserve/kernels")  # measured cross-overs, per CPU
+    int4: str | None = None  # deprecated alias: "off" = quantization "none", "auto" = no change
     # Scheduling (see sched/config.py for what each policy does).
     scheduler: str = "conserve"
     slo_ttft_ms: float = 1000.0
@@ -49,8 +55,17 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if self.int4 not in ("auto", "off"):
+        if self.int4 not in (None, "auto", "off"):
             raise ValueError(f"int4 must be auto or off, got {self.int4!r}")
+        if self.int4 == "off":
+            if self.quantization not in ("auto", "none"):
+                raise ValueError(f"int4 'off' contradicts quantization {self.quantization!r}; use quantization only")
+            self.quantization = "none"
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
+                             f"got {self.quantization!r}")
+        if self.quant_max_tokens is not None and self.quant_max_tokens < 0:
+            raise ValueError(f"quant_max_tokens must be >= 0, got {self.quant_max_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.preemption not in PREEMPTION_MODES:
