@@ -141,8 +141,11 @@ def test_crossover_is_measured_once_then_read_from_the_cache(tmp_path, monkeypat
 def test_crossover_stops_where_quantised_loses(monkeypatch):
     net = tiny_model("int4")
     # Fake timings: the quantised pass wins up to 4 tokens and loses from 8 on.
-    calls = iter(t for tokens in quant_tuning.TOKENS for t in (1.0, 0.5 if tokens <= 4 else 2.0))
-    monkeypatch.setattr(quant_tuning, "_fastest", lambda run: next(calls))
+    def fake(group, inputs, use_quant):
+        tokens = next(iter(inputs.values())).shape[0]
+        return (0.5 if tokens <= 4 else 2.0) if use_quant else 1.0
+
+    monkeypatch.setattr(quant_tuning, "_time", fake)
     tuning = quant_tuning.tune(net, None)
     assert tuning.layers_max_tokens == 4
     assert [row[0] for row in tuning.timings_ms["layers"]] == [1, 2, 4, 8]

@@ -198,9 +198,12 @@ class LlamaModel:
         self.lm_head_quant = quant.build(quant.lm_head_kind(mode, self._file_types.get(head)),
                                          self.lm_head_plain, [])
 
+    def layer_groups(self) -> list[list[tuple[torch.Tensor, QuantWeight]]]:
+        """Per layer, the (dense, quantised) pairs of its quantised projections."""
+        return [[(getattr(layer, name), q) for name, q in layer.quant.items()] for layer in self.layers]
+
     def layer_projections(self) -> list[tuple[torch.Tensor, QuantWeight]]:
-        """(dense, quantised) pairs of every quantised layer projection."""
-        return [(getattr(layer, name), q) for layer in self.layers for name, q in layer.quant.items()]
+        return [pair for group in self.layer_groups() for pair in group]
 
     def drop_quant(self, layers: bool, lm_head: bool) -> None:
         """Free quantised weights that never pay on this machine."""
