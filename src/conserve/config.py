@@ -24,6 +24,9 @@ def gib_or_auto(value: str) -> float | str:
 
 _S = SchedulerConfig  # the scheduler's own defaults, written once there
 
+# Weight-only quantised matmuls (model/quant.py says what each mode quantises).
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+
 
 @dataclass
 class EngineConfig:
@@ -36,8 +39,26 @@ class EngineConfig:
     dtype: str = flag("auto", "`float32`, `bfloat16`, `float16`; `auto` = bfloat16 where the CPU has native bf16 "
                       "instructions (or on CUDA), else float32", choices=["auto", "float32", "bfloat16", "float16"])
     device: str = flag("cpu", "torch device, e.g. `cpu` or `cuda`")
-    int4: str = flag("auto", "run GGUF Q4_0/Q4_1 weights through int4 matmul kernels when an iteration has at most "
-                     "8 tokens (bfloat16 on CPU); `off` = bfloat16 matmuls only", choices=["auto", "off"])
+    quantization: str = flag(
+        "auto", "weight-only quantised matmuls (CPU) for iterations of few tokens, with bfloat16 or float32 "
+        "activations (float32 ones are rounded to bfloat16 around the kernel, whose float32 path is 10-100x "
+        "slower). `auto`: follow a GGUF file (Q4_0/Q4_1 projections int4 as stored, Q8_0 int8, lm_head int8 "
+        "when stored quantised); HF checkpoints stay dense. `int8` / `int4`: quantise every layer projection at "
+        "load (int4 in 32-weight groups like Q4_1; int8 per row), lm_head int8. `none`: dense only. Dense "
+        "weights are kept for larger iterations, and the tied embedding stays dense for lookups and to "
+        "recompute the 8 best logits exactly; the quantised copies add ~90 MiB (int4) / ~130 MiB (int8) for "
+        "SmolLM2", choices=list(QUANTIZATION_MODES))
+    quant_max_tokens: int | None = flag(
+        None, "largest iteration (tokens; logit rows for the lm_head) that uses the quantised weights. By "
+        "default a start-up micro-benchmark times the model's own projections dense vs quantised at 1, 2, 4, "
+        "... 64 tokens (about 1-2 s) and caches the cross-over per CPU model, threads, dtype and shapes in "
+        "`--kernel-cache-dir`; where quantised never wins under `auto`, the quantised copies are freed",
+        type=int, shown_default="measured")
+    kernel_cache_dir: str = flag(str(Path.home() / ".cache/conserve/kernels"),
+                                 "where measured quantised-matmul cross-overs are cached",
+                                 shown_default="`~/.cache/conserve/kernels`")
+    int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
+                            "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "
                                     "available at start (80% of free GPU memory on CUDA), no more than "
                                     "`--max-num-seqs` full-length sequences can use; its pages are committed "
@@ -109,8 +130,17 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if self.int4 not in ("auto", "off"):
+        if self.int4 not in (None, "auto", "off"):
             raise ValueError(f"int4 must be auto or off, got {self.int4!r}")
+        if self.int4 == "off":
+            if self.quantization not in ("auto", "none"):
+                raise ValueError(f"int4 'off' contradicts quantization {self.quantization!r}; use quantization only")
+            self.quantization = "none"
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
+                             f"got {self.quantization!r}")
+        if self.quant_max_tokens is not None and self.quant_max_tokens < 0:
+            raise ValueError(f"quant_max_tokens must be >= 0, got {self.quant_max_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.preemption not in PREEMPTION_MODES:

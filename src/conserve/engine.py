@@ -74,7 +74,8 @@ class Engine:
                  **kwargs) -> None:
         self.config = config = config or EngineConfig(**kwargs)
         tune_malloc()
-        loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.int4)
+        loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.quantization,
+                            config.quant_max_tokens, config.kernel_cache_dir)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         c = loaded.config
@@ -145,7 +146,7 @@ class Engine:
         if self.config.latency_model:
             return LatencyModel.load(Path(self.config.latency_model))
         path = cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,
-                          self.config.device)
+                          self.config.device, self.loaded.model.quant_tag())
         if path.exists():
             try:
                 return LatencyModel.load(path)

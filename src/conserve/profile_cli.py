@@ -33,7 +33,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     model, report = profile(engine, quick=args.quick, progress=progress)
     sys.stderr.write("\n")
-    path = cache_path(Path(args.latency_cache_dir), engine.loaded.name, engine.loaded.model.dtype, args.device)
+    path = cache_path(Path(args.latency_cache_dir), engine.loaded.name, engine.loaded.model.dtype, args.device,
+                      engine.loaded.model.quant_tag())
     model.save(path)
     print("| P (tokens) | D (decode reads) | R (prefill reads) | measured ms | predicted ms |")
     print("|---|---|---|---|---|")

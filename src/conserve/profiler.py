@@ -40,12 +40,15 @@ class ProfiledEngine(Protocol):
     max_model_len: int
 
 
-def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str) -> Path:
-    """One fit per model, dtype, device, thread count and machine (CPU model and ISA, or GPU name):
-    each changes the timings, and a fit from another CPU must never be reused."""
+def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str, quant: str = "") -> Path:
+    """One fit per model, dtype, device, thread count, machine (CPU model and ISA, or GPU name) and
+    quantised-matmul use (quant, e.g. "int4w8-int8h16"): each changes the timings, and a fit from
+    another CPU must never be reused."""
     where = machine_key()
     if device.startswith("cuda") and torch.cuda.is_available():
         where = torch.cuda.get_device_name(torch.device(device)).replace(" ", "_")
+    if quant:
+        model_name = f"{model_name}-{quant}"
     name = (f"{model_name}-{str(dtype).removeprefix('torch.')}-{device}-{torch.get_num_threads()}t-{where}"
             f"-g{GRID_VERSION}.json")
     return cache_dir / name

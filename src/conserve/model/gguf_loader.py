@@ -104,9 +104,9 @@ def _unpermute_order(rows: int, heads: int) -> np.ndarray:
 
 
 def iter_gguf_tensors(reader, path: Path, config: dict[str, Any], want_q4: bool = False
-                      ) -> Iterator[tuple[str, torch.Tensor, Q4Blocks | None]]:
-    """Yield (HF name, float32 tensor, Q4 blocks or None) one at a time, dequantising quantised
-    types. With want_q4, Q4_0/Q4_1 tensors also come as their raw 4-bit blocks."""
+                      ) -> Iterator[tuple[str, torch.Tensor, Q4Blocks | None, str]]:
+    """Yield (HF name, float32 tensor, Q4 blocks or None, storage type e.g. "Q8_0") one at a time,
+    dequantising quantised types. With want_q4, Q4_0/Q4_1 tensors also come as their raw 4-bit blocks."""
     from gguf import GGMLQuantizationType, quants
 
     permuted = _ARCHITECTURES[gguf_architecture(reader, path)][1]
@@ -132,4 +132,4 @@ def iter_gguf_tensors(reader, path: Path, config: dict[str, Any], want_q4: bool 
             order = _unpermute_order(shape[0], heads[proj])
             data = data[order]
             q4 = q4.permute_rows(order) if q4 is not None else None
-        yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C")), q4
+        yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C")), q4, t.tensor_type.name

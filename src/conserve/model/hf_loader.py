@@ -40,15 +40,16 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, None]]:
-    """Yield (name, tensor) one at a time, so peak memory stays near one tensor over the model."""
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, None, None]]:
+    """Yield (name, tensor, None, None) one at a time, so peak memory stays near one tensor over the
+    model (the Nones: no 4-bit blocks, no GGUF storage type)."""
     from safetensors import safe_open
 
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name), None
+                    yield name, handle.get_tensor(name), None, None
         except ModelLoadError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers

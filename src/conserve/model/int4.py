@@ -1,9 +1,13 @@
-"""Int4 weight-only matmuls for GGUF Q4_0/Q4_1 weights (CPU, bfloat16 activations).
+"""Int4 weight-only matmuls: GGUF Q4_0/Q4_1 blocks as they are, or dense weights quantised at load.
 
 A Q4_1 block stores 32 weights as w = d * q + m (q in 0..15); Q4_0 as w = d * (q - 8). torch's
 int4 CPU kernel computes w = (q - 8) * scale + zero per group, so both map onto it exactly (up to
-rounding d and m to bfloat16): scale = d, zero = m + 8 d (Q4_1) or 0 (Q4_0). At batch sizes of a
-few tokens a matmul is bound by weight bytes, and 4-bit weights move a quarter of bfloat16's.
+rounding d and m to bfloat16): scale = d, zero = m + 8 d (Q4_1) or 0 (Q4_0). Dense weights are
+quantised the Q4_1 way (per 32-weight group, from its min and max). At batch sizes of a few tokens a
+matmul is bound by weight bytes, and 4-bit weights move a quarter of bfloat16's.
+
+The kernel also takes float32 activations, but its float32 path is 10-100x slower than its bfloat16
+one (benchmarks/quant_kernels.py), so float32 activations are rounded to bfloat16 around it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,16 @@ def unpack_q4(raw: np.ndarray, type_name: str, rows: int, cols: int) -> Q4Blocks
     return Q4Blocks(q, d, zero)
 
 
+def quantize_q4(weight: torch.Tensor) -> Q4Blocks:
+    """A dense [N, K] weight as asymmetric 4-bit groups of 32 (like Q4_1)."""
+    w = weight.detach().float().reshape(weight.shape[0], -1, GROUP)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant groups: q = 0 is exact
+    q = torch.round((w - low[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
+    return Q4Blocks(q.reshape(weight.shape).numpy(), scale.numpy(), (low + 8 * scale).numpy())
+
+
 class Int4Weight:
     """A [N, K] weight packed for torch's int4 CPU kernel."""
 
@@ -66,4 +80,10 @@ class Int4Weight:
         return rows % 16 == 0 and cols % GROUP == 0  # the kernel's packing constraints
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed, GROUP,
+                                              self.scales_zeros)
+        return y.to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes

@@ -17,13 +17,10 @@ import torch.nn.functional as F
 from conserve.errors import ModelLoadError
 from conserve.model.attention import AttentionMetadata, KVCache, paged_attention
 from conserve.model.config import ModelConfig
-from conserve.model.int4 import Int4Weight, Q4Blocks
+from conserve.model import quant
+from conserve.model.int4 import Q4Blocks
+from conserve.model.quant import QuantWeight
 from conserve.model.rope import RotaryEmbedding, apply_rotary
-
-
-# Up to this many tokens in an iteration, int4 matmuls beat bfloat16 ones (measured on a 2-core
-# Zen4: 4.7 vs 21.7 ms for the model's weights at 1 token, 14 vs 27 at 8, 54 vs 42 at 32).
-INT4_MAX_TOKENS = 8
 
 # Best logits per row recomputed in float32 when the model runs in a lower precision.
 REFINED_LOGITS = 8
@@ -46,8 +43,8 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # [2 intermediate, hidden]
     down: torch.Tensor
-    # The same projections as int4 weights, when the file holds them as Q4 blocks (see int4.py).
-    int4: dict[str, Int4Weight] = field(default_factory=dict)
+    # The same projections as int8/int4 weights (see quant.py), used for small iterations.
+    quant: dict[str, QuantWeight] = field(default_factory=dict)
     # Norm weights in float32, for the float32 residual stream.
     input_norm_f32: torch.Tensor | None = None
     post_norm_f32: torch.Tensor | None = None
@@ -93,6 +90,12 @@ class LlamaModel:
         self._expected = set(self._expected_names())
         self._loaded: set[str] = set()
         self._q4_parts: dict[str, Q4Blocks] = {}
+        self._file_types: dict[str, str] = {}  # GGUF storage type of each loaded tensor
+        # Iterations of at most this many tokens (logit rows) use the quantised weights; the start-up
+        # micro-benchmark sets them (quant_tuning.py).
+        self.quant_max_tokens = 0
+        self.lm_head_quant: QuantWeight | None = None
+        self.lm_head_quant_max_rows = 0
 
     # -- weights -------------------------------------------------------------------------------
     def _expected_names(self):
@@ -112,9 +115,11 @@ class LlamaModel:
             yield f"{p}input_layernorm.weight"
             yield f"{p}post_attention_layernorm.weight"
 
-    def load_weight(self, name: str, tensor: torch.Tensor, q4: Q4Blocks | None = None) -> None:
+    def load_weight(self, name: str, tensor: torch.Tensor, q4: Q4Blocks | None = None,
+                    file_type: str | None = None) -> None:
         """Copy one tensor, named as in HF checkpoints, into place (casting to the model dtype).
-        q4: the same weight as 4-bit blocks, kept to build int4 matmuls from."""
+        q4: the same weight as 4-bit blocks, kept to build int4 matmuls from; file_type: how a GGUF
+        file stored it (e.g. Q8_0), which quantization "auto" follows."""
         if name == "rope_freqs":
             self.rope_freq_factors = tensor.float()
             return
@@ -127,6 +132,8 @@ class LlamaModel:
         self._loaded.add(name)
         if q4 is not None:
             self._q4_parts[name] = q4
+        if file_type is not None:
+            self._file_types[name] = file_type
 
     def _target(self, name: str) -> torch.Tensor | None:
         c = self.config
@@ -156,7 +163,7 @@ class LlamaModel:
             "post_attention_layernorm.weight": layer.post_norm,
         }.get(part)
 
-    def finish_loading(self, source: str, max_positions: int, use_int4: bool = False) -> None:
+    def finish_loading(self, source: str, max_positions: int, quantization: str = "none") -> None:
         missing = sorted(self._expected - self._loaded)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -164,8 +171,8 @@ class LlamaModel:
         self.rotary = RotaryEmbedding(self.config, max_positions, self.device, self.rope_freq_factors)
         for layer in self.layers:
             layer.input_norm_f32, layer.post_norm_f32 = layer.input_norm.float(), layer.post_norm.float()
-        if use_int4:
-            self._build_int4()
+        if self.device.type == "cpu" and quantization != "none":
+            self._build_quant(quantization)
         self._q4_parts.clear()
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and onednn_prepack_available():
             self._prepack()
@@ -179,18 +186,52 @@ class LlamaModel:
                 setattr(layer, name, _pack(getattr(layer, name)))
         self.lm_head = _pack(self.lm_head_plain)
 
-    def _build_int4(self) -> None:
+    def _build_quant(self, mode: str) -> None:
         for i, layer in enumerate(self.layers):
             for fused, parts in _FUSED_PARTS.items():
-                blocks = [self._q4_parts.get(f"model.layers.{i}.{p}.weight") for p in parts]
-                if all(b is not None for b in blocks):
-                    rows, cols = sum(b.q.shape[0] for b in blocks), blocks[0].q.shape[1]
-                    if Int4Weight.supports(rows, cols):
-                        layer.int4[fused] = Int4Weight(blocks)
+                names = [f"model.layers.{i}.{p}.weight" for p in parts]
+                kind = quant.projection_kind(mode, [self._file_types.get(n) for n in names])
+                built = quant.build(kind, getattr(layer, fused), [self._q4_parts.get(n) for n in names])
+                if built is not None:
+                    layer.quant[fused] = built
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        self.lm_head_quant = quant.build(quant.lm_head_kind(mode, self._file_types.get(head)),
+                                         self.lm_head_plain, [])
 
-    @property
-    def num_int4_weights(self) -> int:
-        return sum(len(layer.int4) for layer in self.layers)
+    def layer_groups(self) -> list[list[tuple[torch.Tensor, QuantWeight]]]:
+        """Per layer, the (dense, quantised) pairs of its quantised projections."""
+        return [[(getattr(layer, name), q) for name, q in layer.quant.items()] for layer in self.layers]
+
+    def layer_projections(self) -> list[tuple[torch.Tensor, QuantWeight]]:
+        return [pair for group in self.layer_groups() for pair in group]
+
+    def drop_quant(self, layers: bool, lm_head: bool) -> None:
+        """Free quantised weights that never pay on this machine."""
+        if layers:
+            for layer in self.layers:
+                layer.quant.clear()
+        if lm_head:
+            self.lm_head_quant = None
+
+    def quant_tag(self) -> str:
+        """Which quantised matmuls run up to which sizes, e.g. "int4w8-int8h16"; "" when none."""
+        kinds = sorted({type(q).__name__ for _, q in self.layer_projections()})
+        tag = "".join(k.removesuffix("Weight").lower() for k in kinds)
+        tag = f"{tag}w{self.quant_max_tokens}" if tag else ""
+        if self.lm_head_quant is not None:
+            tag += f"-{type(self.lm_head_quant).__name__.removesuffix('Weight').lower()}h{self.lm_head_quant_max_rows}"
+        return tag.lstrip("-")
+
+    def quant_summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for _, q in self.layer_projections():
+            kinds[type(q).__name__] = kinds.get(type(q).__name__, 0) + 1
+        head = type(self.lm_head_quant).__name__ if self.lm_head_quant is not None else "dense"
+        size = sum(q.nbytes for _, q in self.layer_projections())
+        size += self.lm_head_quant.nbytes if self.lm_head_quant is not None else 0
+        layers = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        return (f"quantised projections: {layers} (up to {self.quant_max_tokens} tokens); lm_head {head} "
+                f"(up to {self.lm_head_quant_max_rows} rows); {size / 2**20:.0f} MiB beside the dense weights")
 
     # -- forward -------------------------------------------------------------------------------
     def begin(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ForwardState:
@@ -210,21 +251,21 @@ class LlamaModel:
         h, cos, sin = state.hidden, state.cos, state.sin
         t = h.shape[0]
         dt = self.dtype
-        small = t <= INT4_MAX_TOKENS
+        small = t <= self.quant_max_tokens
         end = c.num_layers if max_layers is None else min(c.num_layers, state.next_layer + max_layers)
         for i in range(state.next_layer, end):
             w = self.layers[i]
-            q4 = w.int4 if small else {}
+            q4 = w.quant if small else {}
             x = F.rms_norm(h, (c.hidden_size,), w.input_norm_f32, eps).to(dt)
-            qkv = _linear(x, w.qkv, q4.get("qkv"), w.qkv_bias)
+            qkv = linear(x, w.qkv, q4.get("qkv"), w.qkv_bias)
             qk = apply_rotary(qkv[:, : c.q_size + c.kv_size].view(t, -1, c.head_dim), cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, c.q_size + c.kv_size:].view(t, c.num_kv_heads, c.head_dim)
             attn = paged_attention(q, k, v, kv.k[i], kv.v[i], meta)
-            h = h + _linear(attn.view(t, c.q_size), w.o, q4.get("o"))
+            h = h + linear(attn.view(t, c.q_size), w.o, q4.get("o"))
             x = F.rms_norm(h, (c.hidden_size,), w.post_norm_f32, eps).to(dt)
-            gate, up = _linear(x, w.gate_up, q4.get("gate_up")).chunk(2, dim=-1)
-            h = h + _linear(F.silu(gate) * up, w.down, q4.get("down"))
+            gate, up = linear(x, w.gate_up, q4.get("gate_up")).chunk(2, dim=-1)
+            h = h + linear(F.silu(gate) * up, w.down, q4.get("down"))
             state.hidden, state.next_layer = h, i + 1
             if safepoint is not None and i + 1 < c.num_layers and safepoint(i):
                 return False
@@ -233,10 +274,12 @@ class LlamaModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] rows that sample. Returns float32 logits [N, vocab]."""
         x = F.rms_norm(hidden.float(), (self.config.hidden_size,), self.norm.float(), self.config.rms_norm_eps)
-        logits = _linear(x.to(self.dtype), self.lm_head, None).float()
-        if self.dtype != torch.float32:
-            # A bfloat16 logit near 25 is rounded to 1/8: enough to tie the two best tokens. Recompute
-            # the few candidates that decide greedy choice and top logprobs in float32 (~1 ms at 32 rows).
+        head = self.lm_head_quant if hidden.shape[0] <= self.lm_head_quant_max_rows else None
+        logits = linear(x.to(self.dtype), self.lm_head, head).float()
+        if self.dtype != torch.float32 or head is not None:
+            # A bfloat16 logit near 25 is rounded to 1/8: enough to tie the two best tokens (int8 weights
+            # err more). Recompute the few candidates that decide greedy choice and top logprobs in
+            # float32 from the dense weights (~1 ms at 32 rows).
             top = logits.topk(REFINED_LOGITS, dim=-1).indices
             exact = torch.einsum("nd,nkd->nk", x, self.lm_head_plain[top].float())
             logits.scatter_(1, top, exact)
@@ -253,11 +296,11 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
 
 
-def _linear(x: torch.Tensor, dense: torch.Tensor, int4: Int4Weight | None,
+def linear(x: torch.Tensor, dense: torch.Tensor, quantized: QuantWeight | None,
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    if int4 is None:
+    if quantized is None:
         if dense.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, dense, bias, "none", [], "")
         return F.linear(x, dense, bias)
-    y = int4.matmul(x.contiguous())
+    y = quantized.matmul(x)
     return y if bias is None else y + bias

@@ -13,9 +13,9 @@ import torch
 from conserve.errors import ModelLoadError
 from conserve.model.config import ModelConfig
 from conserve.model.gguf_loader import gguf_hf_config, iter_gguf_tensors, open_gguf
-from conserve.model.int4 import int4_kernels_available
 from conserve.model.hf_loader import iter_safetensors, read_hf_config, safetensors_files
 from conserve.model.llama import LlamaModel
+from conserve.model.quant import check_mode
 from conserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,16 @@ def cpu_has_native_bf16() -> bool:
 
 
 def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               max_model_len: int | None = None, int4: str = "auto") -> LoadedModel:
-    """int4: "auto" runs GGUF Q4_0/Q4_1 weights through int4 kernels for small batches where that
-    is exact up to bfloat16 rounding of the block scales (bfloat16 on CPU); "off" never does."""
+               max_model_len: int | None = None, quantization: str = "auto", quant_max_tokens: int | None = None,
+               kernel_cache_dir: str | Path | None = None) -> LoadedModel:
+    """quantization: auto | none | int8 | int4, which weights get weight-only quantised matmuls (see
+    model/quant.py). quant_max_tokens: the largest iteration that uses them; None measures it
+    (model/quant_tuning.py), cached in kernel_cache_dir."""
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if int4 not in ("auto", "off"):
-        raise ValueError(f"int4 must be auto or off, got {int4!r}")
-    use_int4 = int4 == "auto" and torch_dtype == torch.bfloat16 and dev.type == "cpu" and int4_kernels_available()
+    mode = check_mode(quantization) if dev.type == "cpu" else "none"  # the kernels are CPU ones
+    if quant_max_tokens is not None and quant_max_tokens < 0:
+        raise ValueError(f"quant_max_tokens must be >= 0, got {quant_max_tokens}")
     path = Path(model).expanduser() if model else default_model_path()
     started = time.perf_counter()
     if path.is_dir():
@@ -93,7 +95,7 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
         reader = open_gguf(path)
         hf = gguf_hf_config(reader, path)
         source = str(path)
-        tensors = lambda cfg: iter_gguf_tensors(reader, path, cfg, use_int4)  # noqa: E731
+        tensors = lambda cfg: iter_gguf_tensors(reader, path, cfg, mode in ("auto", "int4"))  # noqa: E731
         tokenizer = Tokenizer.from_gguf(reader)
         name = path.stem
     else:
@@ -105,9 +107,28 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
     max_len = max_model_len or limit
     net = LlamaModel(config, torch_dtype, dev)
     with torch.inference_mode():
-        for tensor_name, tensor, q4 in tensors(hf):
-            net.load_weight(tensor_name, tensor, q4)
-        net.finish_loading(source, max_len, use_int4)
-    log.info("loaded %s (%s, %s, %d int4 projections) in %.1f s", path, config.architecture, torch_dtype,
-             net.num_int4_weights, time.perf_counter() - started)
+        for tensor_name, tensor, q4, file_type in tensors(hf):
+            net.load_weight(tensor_name, tensor, q4, file_type)
+        net.finish_loading(source, max_len, mode)
+        _choose_quant_sizes(net, mode, quant_max_tokens, kernel_cache_dir)
+    log.info("loaded %s (%s, %s) in %.1f s; %s", path, config.architecture, torch_dtype,
+             time.perf_counter() - started, net.quant_summary())
     return LoadedModel(path, name, config, net, tokenizer, max_len)
+
+
+def _choose_quant_sizes(net: LlamaModel, mode: str, max_tokens: int | None, cache_dir: str | Path | None) -> None:
+    """Set up to which sizes the quantised weights run, and free them where they never pay. An
+    explicit int8/int4 keeps them at least for single-token iterations (the user asked for them)."""
+    if not net.layer_projections() and net.lm_head_quant is None:
+        return
+    if max_tokens is not None:
+        layers = lm_rows = max_tokens
+    else:
+        from conserve.model.quant_tuning import tune
+
+        tuning = tune(net, Path(cache_dir).expanduser() if cache_dir else None)
+        layers, lm_rows = tuning.layers_max_tokens, tuning.lm_head_max_rows
+        if mode != "auto":
+            layers, lm_rows = max(layers, 1), max(lm_rows, 1)
+    net.quant_max_tokens, net.lm_head_quant_max_rows = layers, lm_rows
+    net.drop_quant(layers=layers == 0, lm_head=lm_rows == 0)
