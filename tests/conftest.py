@@ -30,7 +30,7 @@ def llm_fp32():
     default_gguf()
     # A small fixed token budget makes ordinary prompts span several prefill chunks. Dense float32
     # weights: this is the reference the transformers comparisons and quantised paths are held to.
-    return LLM(dtype="float32", max_num_batched_tokens=48, kv_cache_gb=0.25, scheduler="fcfs", quantization="none")
+    return LLM(dtype="float32", max_num_batched_tokens=48, kv_cache_gb=0.25, scheduler="fcfs")
 
 
 def rough_latency_model():

@@ -80,6 +80,10 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     mode = check_mode(quantization) if dev.type == "cpu" else "none"  # the kernels are CPU ones
+    if mode == "auto" and dtype in ("float32", torch.float32):
+        # float32 asked for by name is the exact reference path: with quantised kernels for small
+        # iterations only, greedy outputs would depend on how requests happen to be batched.
+        mode = "none"
     if quant_max_tokens is not None and quant_max_tokens < 0:
         raise ValueError(f"quant_max_tokens must be >= 0, got {quant_max_tokens}")
     path = Path(model).expanduser() if model else default_model_path()
