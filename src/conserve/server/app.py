@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import math
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conserve.async_engine import AsyncEngine
+from conserve.async_engine import RESTARTING, AsyncEngine
+from conserve.server.admission import AdmissionLimits
 from conserve.server.errors import APIError, error_response, validation_message
 from conserve.server.metrics import Metrics
 from conserve.server.openai_api import OpenAIServing
@@ -25,10 +27,11 @@ log = logging.getLogger(__name__)
 
 def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: str | None = None,
               extra_routers: Callable[[OpenAIServing], list] | None = None, on_startup=None,
-              on_shutdown=None) -> FastAPI:
+              on_shutdown=None, admission: AdmissionLimits | None = None) -> FastAPI:
     """engine: already started (AsyncEngine.start). extra_routers: given the serving object (whose
-    `execute` runs one request offline), returns more routers to mount (the Files and Batches API)."""
-    serving = OpenAIServing(engine, model_name, metrics)
+    `execute` runs one request offline), returns more routers to mount (the Files and Batches API).
+    admission: limits on waiting HTTP requests (None: none)."""
+    serving = OpenAIServing(engine, model_name, metrics, admission)
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -59,7 +62,7 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
         metrics.http_errors.labels(str(e.status)).inc()
-        return error_response(e.status, e.message, e.param, e.code)
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
@@ -82,8 +85,11 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
 
     @app.get("/health")
     async def health():
+        if engine.state == RESTARTING:
+            return error_response(503, "the engine failed and is restarting",
+                                  headers={"Retry-After": str(max(1, math.ceil(engine.retry_after())))})
         if not engine.is_running:
-            return error_response(503, "the engine is not running")
+            return error_response(503, f"the engine is not running ({engine.state})")
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -20,11 +20,28 @@ def add_serve_command(sub, parents, add_engine_args) -> None:
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted file upload")
     p.add_argument("--max-batch-concurrency", type=int, default=64,
                    help="batch lines submitted to the engine at once (keeps offline work saturated)")
+    a = p.add_argument_group("admission and faults")
+    a.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="HTTP requests of one class waiting for their first token; beyond it the server answers "
+                        "429 with Retry-After (0: no limit). Batch API lines are not counted")
+    a.add_argument("--max-waiting-flex-requests", type=int, default=None,
+                   help="the same limit for flex (offline) HTTP requests (default: --max-waiting-requests)")
+    a.add_argument("--max-predicted-ttft-factor", type=float, default=5.0,
+                   help="answer 429 to an online request whose predicted time to first token (the latency "
+                        "model's prefill time of the online prompts waiting ahead of it and its own) exceeds "
+                        "this multiple of --slo-ttft-ms (0: off)")
+    a.add_argument("--max-engine-restarts", type=int, default=5,
+                   help="after a step fails, the engine is rebuilt (model reloaded); give up after this many "
+                        "consecutive failed restarts, then /health and requests answer 503 (0: never restart)")
+    a.add_argument("--engine-restart-backoff-s", type=float, default=1.0,
+                   help="wait before the first restart; doubles with each consecutive failure, at most 60 s")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
+    """wrap_engine: called on every engine built (first start and restarts) before it serves; tests
+    use it to inject faults."""
     import uvicorn
 
     from conserve.async_engine import AsyncEngine
@@ -33,8 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from conserve.server.app import build_app
     from conserve.server.batches import BatchRunner
     from conserve.server.files_batches_api import router as files_batches_router
+    from conserve.server.admission import AdmissionLimits
     from conserve.server.metrics import Metrics
     from conserve.server.store import Store
+
+    flex_limit = args.max_waiting_requests if args.max_waiting_flex_requests is None else args.max_waiting_flex_requests
+    admission = AdmissionLimits(args.max_waiting_requests, flex_limit, args.max_predicted_ttft_factor,
+                                args.slo_ttft_ms / 1000)
 
     # Open the durable store first: a data dir already used by another server fails before the
     # model is loaded.
@@ -44,12 +66,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def make_engine() -> Engine:
         engine = Engine(config)
         engine.warmup()
+        if wrap_engine is not None:
+            wrap_engine(engine)
         return engine
 
     metrics = Metrics()
-    async_engine = AsyncEngine(make_engine, on_step=metrics.on_step)
-    engine = async_engine.start()
-    name = args.served_model_name or engine.loaded.name
+    async_engine = AsyncEngine(make_engine, on_step=metrics.on_step, max_restarts=args.max_engine_restarts,
+                               restart_backoff_s=args.engine_restart_backoff_s)
+    name = args.served_model_name or async_engine.start().loaded.name  # no reference kept: restarts free it
     runners: list[BatchRunner] = []
 
     def batch_routes(serving):
@@ -64,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store.close()
 
     app = build_app(async_engine, name, metrics, api_key=args.api_key, extra_routers=batch_routes,
-                    on_startup=startup, on_shutdown=shutdown)
+                    on_startup=startup, on_shutdown=shutdown, admission=admission)
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
     print(f"conserve: serving {name} on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
