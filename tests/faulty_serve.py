@@ -19,10 +19,11 @@ from conserve.server.serve import cmd_serve
 def faulty(spec: str):
     if spec.endswith("+"):
         first = int(spec[:-1])
-        fails = lambda n: n >= first  # noqa: E731
+
+        def fails(n: int) -> bool:
+            return n >= first
     else:
-        steps = {int(s) for s in spec.split(",")}
-        fails = steps.__contains__
+        fails = {int(s) for s in spec.split(",")}.__contains__
     calls = itertools.count(1)
 
     def wrap(engine) -> None:

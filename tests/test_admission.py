@@ -65,11 +65,21 @@ def test_a_dropped_ticket_gives_its_place_back():
     assert adm.waiting[ONLINE] == 0 and adm.queued_s[ONLINE] == 0.0
 
 
+def test_a_request_alone_is_never_turned_away_for_its_predicted_ttft():
+    adm = Admission(AdmissionLimits(0, 0, ttft_factor=1.0, slo_ttft_s=1.0), per_token(1.0))
+    alone = adm.admit(ONLINE, [50])  # predicted 50 s, but nothing is ahead of it
+    with pytest.raises(Rejected):
+        adm.admit(ONLINE, [1])
+    alone[0].release()
+    assert adm.admit(ONLINE, [50])
+
+
 def test_ttft_bound_off_and_without_latency_model():
     off = Admission(AdmissionLimits(0, 0, ttft_factor=0), per_token(1.0))
-    off.admit(ONLINE, [10_000])
     no_model = Admission(AdmissionLimits(0, 0, ttft_factor=1.0), lambda tokens: None)
-    no_model.admit(ONLINE, [10_000])
+    for adm in (off, no_model):
+        held = [adm.admit(ONLINE, [10_000]) for _ in range(3)]
+        assert len(held) == 3
 
 
 def test_bad_limits_are_refused():

@@ -40,7 +40,7 @@ def wait_healthy(server: Server, timeout: float = 180) -> None:
 
 def rejected(server: Server, reason: str) -> float:
     text = httpx.get(f"{server.url}/metrics").text
-    m = re.search(rf'^conserve_rejected_requests_total\{{reason="{reason}",request_class="online"\}} (\S+)$', text, re.M)
+    m = re.search(rf'^conserve_rejected_requests_total\{{reason="{reason}",request_class="online"\}} (\S+)$', text, re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import queue
 import threading
 import time
@@ -229,6 +228,8 @@ class AsyncEngine:
     def _recover(self, error: BaseException, failures: int) -> Engine | None:
         """After a fault: fail the requests in flight, free the old engine, back off and rebuild
         (again while rebuilds fail). None when giving up or shutting down."""
+        if failures == 1:  # the first fault of a run: its traceback once, then one line per restart
+            log.error("engine step failed", exc_info=error)
         while True:
             give_up = failures > self.max_restarts
             delay = restart_delay(failures, self.restart_backoff_s, self.max_backoff_s)

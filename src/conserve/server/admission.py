@@ -3,7 +3,8 @@ online requests whose predicted time to first token is hopeless. Pure Python.
 
 A request counts as waiting from admission until its first token (or its end). Each admitted request
 carries the predicted time to prefill its prompt; the online ones' sum is the queue an online
-newcomer waits behind (online prefill runs before offline work, so offline work is not counted).
+newcomer waits behind (online prefill runs before offline work, so offline work is not counted). An
+online request is turned away for its predicted TTFT only when some are waiting ahead of it.
 The prediction ignores decodes interleaved with the prefills, so it is a lower bound on the real TTFT.
 Batch API lines are not admitted here: they are bounded by --max-batch-concurrency instead.
 """
@@ -82,7 +83,9 @@ class Admission:
             tier = "online" if online else "flex"
             raise Rejected(QUEUE_FULL, f"too many {tier} requests waiting ({self.waiting[request_class]}, limit "
                            f"{limit}); retry later", wait_s)
-        if online and limits.ttft_factor and None not in predicted:
+        # Only a queue ahead is grounds to turn a request away: alone, it starts at once whatever the
+        # prediction says (and a misfit latency model cannot shut the server to everyone).
+        if online and limits.ttft_factor and self.waiting[request_class] and None not in predicted:
             bound = limits.ttft_factor * limits.slo_ttft_s
             if wait_s + own_s > bound:
                 raise Rejected(TTFT, f"the server is overloaded: predicted time to first token {wait_s + own_s:.1f} s "

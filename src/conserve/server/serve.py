@@ -47,10 +47,10 @@ def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
     from conserve.async_engine import AsyncEngine
     from conserve.cli import engine_config
     from conserve.engine import Engine
+    from conserve.server.admission import AdmissionLimits
     from conserve.server.app import build_app
     from conserve.server.batches import BatchRunner
     from conserve.server.files_batches_api import router as files_batches_router
-    from conserve.server.admission import AdmissionLimits
     from conserve.server.metrics import Metrics
     from conserve.server.store import Store
 
