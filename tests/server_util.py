@@ -19,7 +19,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, data_dir: str, api_key: str | None = None) -> None:
+    def __init__(self, *args: str, data_dir: str, api_key: str | None = None, script: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """script: a test script to run instead of `python -m conserve.cli` (it takes the same
+        arguments, e.g. faulty_serve.py); env: extra environment variables for the server."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -31,14 +34,16 @@ class Server:
             path = os.path.join(data_dir, "latency.json")
             rough_latency_model().save(Path(path))
             args = (*args, "--latency-model", path)
-        cmd = [sys.executable, "-m", "conserve.cli", "serve", "--port", str(self.port), "--data-dir", data_dir,
+        launcher = [sys.executable, script] if script else [sys.executable, "-m", "conserve.cli"]
+        cmd = [*launcher, "serve", "--port", str(self.port), "--data-dir", data_dir,
                *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log_path = os.path.join(data_dir, "server.log")
         os.makedirs(data_dir, exist_ok=True)
         self._log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
 
     def wait_ready(self, timeout: float = 180) -> Server:
         deadline = time.monotonic() + timeout

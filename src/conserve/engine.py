@@ -69,6 +69,30 @@ class _Parent:
     completions: dict[int, CompletionOutput] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PromptLimits:
+    """What a prompt must satisfy to ever run: configuration only, so it outlives the engine it came
+    from (the server validates prompts with it while a failed engine is rebuilt)."""
+
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_kv_blocks: int
+
+    def validate(self, ids: list[int]) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                               f"tokens (max_model_len), which leaves no room for output")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        if blocks_needed(len(ids) + 1, self.block_size) > self.num_kv_blocks:
+            raise RequestError(f"the prompt has {len(ids)} tokens, more than the whole KV cache holds; "
+                               f"raise --kv-cache-gb")
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None, latency_model: LatencyModel | None = None,
                  **kwargs) -> None:
@@ -88,6 +112,7 @@ class Engine:
         self.kv_cache = KVCache(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
                                 loaded.model.dtype, loaded.model.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size)
+        self.prompt_limits = PromptLimits(self.max_model_len, c.vocab_size, config.block_size, num_blocks)
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed)
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
@@ -188,18 +213,7 @@ class Engine:
 
     def validate_prompt(self, ids: list[int]) -> None:
         """Raise RequestError if this prompt can never run. Reads configuration only: thread-safe."""
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
-                               f"tokens (max_model_len), which leaves no room for output")
-        vocab = self.loaded.config.vocab_size
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
-        if blocks_needed(len(ids) + 1, self.kv_manager.block_size) > self.kv_manager.pool.num_blocks:
-            raise RequestError(f"the prompt has {len(ids)} tokens, more than the whole KV cache holds; "
-                               f"raise --kv-cache-gb")
+        self.prompt_limits.validate(ids)
 
     def abort_request(self, request_id: str) -> None:
         parent = self._parents.pop(request_id, None)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -14,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conserve.async_engine import AsyncEngine
+from conserve.async_engine import RESTARTING, AsyncEngine
+from conserve.server.admission import AdmissionLimits
 from conserve.server.errors import APIError, error_response, validation_message, validation_param
 from conserve.server.metrics import Metrics
 from conserve.server.openai_api import OpenAIServing
@@ -26,11 +28,12 @@ log = logging.getLogger(__name__)
 def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: str | None = None,
               extra_routers: Callable[[OpenAIServing], list] | None = None, on_startup=None,
               on_shutdown=None, trust_request_chat_template: bool = False,
-              chat_template_timeout_s: float = 5.0) -> FastAPI:
+              chat_template_timeout_s: float = 5.0, admission: AdmissionLimits | None = None) -> FastAPI:
     """engine: already started (AsyncEngine.start). extra_routers: given the serving object (whose
     `execute` runs one request offline), returns more routers to mount (the Files and Batches API).
-    trust_request_chat_template, chat_template_timeout_s: see OpenAIServing."""
-    serving = OpenAIServing(engine, model_name, metrics, trust_request_chat_template, chat_template_timeout_s)
+    trust_request_chat_template, chat_template_timeout_s, admission: see OpenAIServing."""
+    serving = OpenAIServing(engine, model_name, metrics, trust_request_chat_template, chat_template_timeout_s,
+                            admission)
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -62,7 +65,7 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
         metrics.http_errors.labels(str(e.status)).inc()
-        return error_response(e.status, e.message, e.param, e.code)
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
@@ -85,8 +88,11 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
 
     @app.get("/health")
     async def health():
+        if engine.state == RESTARTING:
+            return error_response(503, "the engine failed and is restarting",
+                                  headers={"Retry-After": str(max(1, math.ceil(engine.retry_after())))})
         if not engine.is_running:
-            return error_response(503, "the engine is not running")
+            return error_response(503, f"the engine is not running ({engine.state})")
         return {"status": "ok"}
 
     @app.get("/metrics")

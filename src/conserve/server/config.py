@@ -31,6 +31,25 @@ class ServerConfig:
     request_chat_template_timeout: float = flag(5.0, "time limit for rendering a request's own chat template, "
                                                 "seconds; a template that runs longer gets 400", group="server",
                                                 metavar="SECONDS")
+    max_waiting_requests: int = flag(256, "HTTP requests of one class waiting for their first token; beyond it "
+                                     "the server answers 429 with Retry-After (0: no limit). Batch API lines "
+                                     "are never refused: they wait in the durable store", group="server")
+    max_waiting_flex_requests: int | None = flag(None, "the same limit for flex (offline) HTTP requests", type=int,
+                                                 group="server", shown_default="`--max-waiting-requests`")
+    max_predicted_ttft_factor: float = flag(5.0, "answer 429 to an online request whose predicted time to first "
+                                            "token (the latency model's prefill time of the online prompts "
+                                            "waiting ahead of it and its own) exceeds this multiple of "
+                                            "`--slo-ttft-ms`; only when others wait ahead of it (0: off)",
+                                            group="server")
+    max_engine_restarts: int = flag(5, "after a step fails, in-flight requests get 503 and the engine is rebuilt "
+                                    "(model reloaded); give up after this many consecutive failed restarts, then "
+                                    "`/health` and requests answer 503 (0: never restart)", group="server")
+    engine_restart_backoff_s: float = flag(1.0, "wait before the first restart, seconds; doubles with each "
+                                           "consecutive failure, at most 60 s", group="server")
+
+    @property
+    def flex_waiting_limit(self) -> int:
+        return self.max_waiting_requests if self.max_waiting_flex_requests is None else self.max_waiting_flex_requests
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -41,6 +60,10 @@ class ServerConfig:
             raise ValueError(f"max_batch_concurrency must be >= 1, got {self.max_batch_concurrency}")
         if self.batch_max_engine_faults < 1:
             raise ValueError(f"batch_max_engine_faults must be >= 1, got {self.batch_max_engine_faults}")
+        if self.max_waiting_requests < 0 or (self.max_waiting_flex_requests or 0) < 0:
+            raise ValueError("max_waiting_requests and max_waiting_flex_requests must be >= 0")
+        if self.max_predicted_ttft_factor < 0 or self.max_engine_restarts < 0 or self.engine_restart_backoff_s < 0:
+            raise ValueError("max_predicted_ttft_factor, max_engine_restarts and engine_restart_backoff_s must be >= 0")
         if not self.request_chat_template_timeout > 0:
             raise ValueError(f"request_chat_template_timeout must be > 0, got {self.request_chat_template_timeout}")
 

@@ -3,6 +3,8 @@ and KV cache use. Each app gets its own registry so several servers can live in 
 
 from __future__ import annotations
 
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from conserve.engine import Engine
@@ -33,6 +35,10 @@ class Metrics:
         self.iteration = Histogram("conserve_iteration_seconds", "Time of one engine step",
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.http_errors = Counter("conserve_http_errors", "Error responses", ["status"], registry=r)
+        self.rejected = Counter("conserve_rejected_requests", "Requests turned away before reaching the engine: "
+                                "reason queue_full or predicted_ttft (429), engine_restarting or engine_dead (503)",
+                                cls + ["reason"], registry=r)
+        self.engine_restarts = Counter("conserve_engine_restarts", "Engines rebuilt after a fault", registry=r)
         # Preemption and the host KV tier.
         self.preemptions = Counter("conserve_preemptions", "Preemptions: 'memory' (an offline request's KV "
                                    "blocks taken back) or 'layer' (an iteration stopped at a safepoint)",
@@ -57,9 +63,15 @@ class Metrics:
         self.resumed = Counter("conserve_resumed_iterations", "Offline iterations stopped between layers "
                                "that resumed where they stopped", registry=r)
         self._seen: dict[str, int] = {}
+        self._engine = None  # weak reference: the engine whose running totals _seen mirrors
 
     def on_step(self, engine: Engine, outputs: list, seconds: float | None) -> None:
         """Called on the engine thread after each step, and with seconds=None when requests came or went."""
+        if self._engine is None or self._engine() is not engine:  # a rebuilt engine counts from zero
+            if self._engine is not None:
+                self.engine_restarts.inc()
+            self._engine = weakref.ref(engine)
+            self._seen.clear()
         if seconds is not None:
             self.iteration.observe(seconds)
         sched = engine.scheduler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,11 +15,14 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from conserve.async_engine import AsyncEngine, EngineDeadError
+from conserve.async_engine import AsyncEngine, EngineDeadError, EngineRestartingError
+from conserve.deltas import Accumulator
 from conserve.errors import RequestError
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.request import RequestClass
 from conserve.sampling_params import SamplingParams
+from conserve.sched.latency_model import prefill_chunk
+from conserve.server.admission import Admission, AdmissionLimits, Rejected, Ticket
 from conserve.server.errors import APIError, error_body, validation_message, validation_param
 from conserve.server.metrics import Metrics
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -37,6 +41,7 @@ class _Job:
     params: SamplingParams
     request_class: RequestClass
     arrival: float = field(default_factory=time.monotonic)
+    ticket: Ticket | None = None  # its place among the waiting requests (HTTP requests only)
 
 
 UNTRUSTED_TEMPLATE = ("this request brings its own chat_template, and a template is code: this server runs "
@@ -46,10 +51,12 @@ UNTRUSTED_TEMPLATE = ("this request brings its own chat_template, and a template
 
 class OpenAIServing:
     """trust_request_chat_template: run chat templates that requests bring (vLLM's flag of that name),
-    each in a sandbox process limited to chat_template_timeout_s seconds."""
+    each in a sandbox process limited to chat_template_timeout_s seconds. admission: limits for HTTP
+    requests (None: admit all); batch lines (`execute`) bypass them."""
 
     def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics,
-                 trust_request_chat_template: bool = False, chat_template_timeout_s: float = 5.0) -> None:
+                 trust_request_chat_template: bool = False, chat_template_timeout_s: float = 5.0,
+                 admission: AdmissionLimits | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
@@ -60,6 +67,8 @@ class OpenAIServing:
         # Template rendering and tokenisation run here, not on the event loop: a long prompt takes
         # milliseconds to encode, and the loop must keep answering (and streaming) meanwhile.
         self._prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="conserve-prompt")
+        self.max_num_batched_tokens = engine.engine.config.max_num_batched_tokens
+        self.admission = Admission(admission, self._predict_prefill) if admission is not None else None
 
     async def aclose(self) -> None:
         if self.template_sandbox is not None:
@@ -68,7 +77,7 @@ class OpenAIServing:
 
     # -- entry points --------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: Request | None = None):
-        jobs = await self._chat_jobs(req)
+        jobs = self._admit(await self._chat_jobs(req))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(self._stream(jobs, "chat.completion.chunk", include_usage, chat=True, echo=False))
@@ -76,7 +85,7 @@ class OpenAIServing:
         return self._chat_response(jobs, outs)
 
     async def completion(self, req: CompletionRequest, raw: Request | None = None):
-        jobs = await self._completion_jobs(req)
+        jobs = self._admit(await self._completion_jobs(req))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(self._stream(jobs, "text_completion", include_usage, chat=False, echo=req.echo))
@@ -157,7 +166,7 @@ class OpenAIServing:
 
     def _job(self, ids: list[int], text: str | None, max_tokens: int | None, to_params, request_class) -> _Job:
         try:
-            self.engine.engine.validate_prompt(ids)
+            self.engine.prompt_limits.validate(ids)
         except RequestError as e:
             raise APIError(400, str(e), "messages" if text is None else "prompt", "context_length_exceeded"
                            if "max_model_len" in str(e) else None) from None
@@ -168,40 +177,83 @@ class OpenAIServing:
         params = to_params(max_tokens)
         return _Job(f"req-{uuid.uuid4().hex}", ids, text, params, request_class)
 
+    # -- admission -----------------------------------------------------------------------------
+    def _admit(self, jobs: list[_Job]) -> list[_Job]:
+        """Turn the request away (503 while the engine is down, 429 when too much is waiting) or give
+        each job its ticket."""
+        cls = jobs[0].request_class
+        try:
+            self.engine.check_serving()
+        except EngineRestartingError as e:
+            self.metrics.rejected.labels(cls.value, "engine_restarting").inc()
+            raise _unavailable(e) from None
+        except EngineDeadError as e:
+            self.metrics.rejected.labels(cls.value, "engine_dead").inc()
+            raise _unavailable(e) from None
+        if self.admission is not None:
+            try:
+                tickets = self.admission.admit(cls, [len(j.prompt_token_ids) for j in jobs])
+            except Rejected as r:
+                self.metrics.rejected.labels(cls.value, r.reason).inc()
+                raise APIError(429, r.message, code=r.reason, headers={"Retry-After": r.retry_after_header}) from None
+            for job, ticket in zip(jobs, tickets):
+                job.ticket = ticket
+        return jobs
+
+    def _predict_prefill(self, prompt_tokens: int) -> float | None:
+        """Predicted seconds to prefill a prompt alone, chunk by chunk (None: no latency model)."""
+        engine = self.engine.engine
+        model = engine.latency_model if engine is not None else None
+        if model is None:
+            return None
+        seconds, done = 0.0, 0
+        while done < prompt_tokens:
+            chunk = min(self.max_num_batched_tokens, prompt_tokens - done)
+            done += chunk
+            seconds += model.predict(prefill_chunk(chunk, done))
+        return seconds
+
     # -- running -------------------------------------------------------------------------------
     async def _outputs(self, job: _Job) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one job, recording latency metrics on the way."""
+        """The engine's outputs for one job as deltas (see AsyncEngine.generate), recording latency
+        metrics on the way; the job leaves the waiting count at its first token."""
         cls = job.request_class.value
-        last_time, last_count = None, 0
+        last_time, count = None, 0
         try:
             async for out in self.engine.generate(job.request_id, job.prompt_token_ids, job.params,
                                                   job.request_class):
                 now = time.monotonic()
-                count = sum(len(o.token_ids) for o in out.outputs)
-                if count > last_count:
+                new = sum(len(o.token_ids) for o in out.outputs)
+                if new:
                     if last_time is None:
                         self.metrics.ttft.labels(cls).observe(now - job.arrival)
+                        if job.ticket is not None:
+                            job.ticket.release()
                     else:
                         self.metrics.tbt.labels(cls).observe(now - last_time)
-                    last_time, last_count = now, count
+                    last_time, count = now, count + new
+                for o in out.outputs:
+                    if o.finish_reason is not None:
+                        self.metrics.requests.labels(cls, o.finish_reason).inc()
                 if out.finished:
                     self.metrics.e2e.labels(cls).observe(now - job.arrival)
                     self.metrics.prompt_tokens.labels(cls).inc(len(job.prompt_token_ids))
                     self.metrics.generation_tokens.labels(cls).inc(count)
-                    for o in out.outputs:
-                        self.metrics.requests.labels(cls, o.finish_reason or "unknown").inc()
                 yield out
         except RequestError as e:
             raise APIError(400, str(e)) from None
         except EngineDeadError as e:  # the cause stays attached: execute() hands it to the batch runner
-            raise APIError(503, str(e)) from e
+            raise _unavailable(e) from e
+        finally:
+            if job.ticket is not None:
+                job.ticket.release()
 
     async def _collect(self, jobs: list[_Job], raw: Request | None) -> list[RequestOutput]:
         async def last(job: _Job) -> RequestOutput:
-            final = None
+            whole = Accumulator()
             async for out in self._outputs(job):
-                final = out
-            return final
+                whole.add(out)
+            return whole.build()
 
         task = asyncio.ensure_future(asyncio.gather(*(last(j) for j in jobs)))
         try:
@@ -218,8 +270,10 @@ class OpenAIServing:
 
     # -- responses -----------------------------------------------------------------------------
     def _usage(self, jobs: list[_Job], outs: list[RequestOutput]) -> dict:
+        return self._usage_of(jobs, sum(len(o.token_ids) for out in outs for o in out.outputs))
+
+    def _usage_of(self, jobs: list[_Job], completion: int) -> dict:
         prompt = sum(len(j.prompt_token_ids) for j in jobs)
-        completion = sum(len(o.token_ids) for out in outs for o in out.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _chat_response(self, jobs: list[_Job], outs: list[RequestOutput]) -> dict:
@@ -293,7 +347,7 @@ class OpenAIServing:
             return event
 
         merged: asyncio.Queue = asyncio.Queue()
-        finals: dict[int, RequestOutput] = {}
+        done: set[int] = set()
 
         async def pump(i: int, job: _Job) -> None:
             try:
@@ -303,7 +357,8 @@ class OpenAIServing:
                 await merged.put((i, e))
 
         tasks = [asyncio.ensure_future(pump(i, j)) for i, j in enumerate(jobs)]
-        sent: dict[tuple[int, int], tuple[int, int]] = {}  # (job, choice) -> (chars, tokens) sent
+        chars: dict[tuple[int, int], int] = {}  # (job, choice) -> characters sent (completions' text_offset)
+        completion_tokens = 0
         try:
             if chat:
                 yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
@@ -311,36 +366,43 @@ class OpenAIServing:
             elif echo:
                 yield chunk([{"index": i * j.params.n + c, "text": self._prompt_text(j), "logprobs": None,
                               "finish_reason": None} for i, j in enumerate(jobs) for c in range(j.params.n)])
-            while len(finals) < len(jobs):
+            while len(done) < len(jobs):
                 i, item = await merged.get()
                 if isinstance(item, BaseException):
                     raise item
-                choices = [self._delta(i, jobs[i], o, sent, chat) for o in item.outputs]
+                completion_tokens += sum(len(o.token_ids) for o in item.outputs)
+                choices = [self._delta(i, jobs[i], o, chars, chat) for o in item.outputs]
                 choices = [c for c in choices if c is not None]
                 if choices:
                     yield chunk(choices, None)
                 if item.finished:
-                    finals[i] = item
+                    done.add(i)
             if include_usage:
-                yield chunk([], self._usage(jobs, [finals[i] for i in range(len(jobs))]))
+                yield chunk([], self._usage_of(jobs, completion_tokens))
         finally:
             for t in tasks:
                 t.cancel()
 
-    def _delta(self, i: int, job: _Job, o: CompletionOutput, sent: dict, chat: bool) -> dict | None:
-        chars, tokens = sent.get((i, o.index), (0, 0))
-        text = o.text[chars:]
-        new_lps = o.logprobs[tokens:] if o.logprobs is not None else None
-        if not text and o.finish_reason is None and not new_lps:
+    def _delta(self, i: int, job: _Job, o: CompletionOutput, chars: dict, chat: bool) -> dict | None:
+        """One choice of a stream chunk from a delta output (o holds only what is new)."""
+        if not o.text and o.finish_reason is None and not o.logprobs:
             return None
-        sent[(i, o.index)] = (len(o.text), len(o.token_ids))
+        offset = chars.get((i, o.index), 0)
+        chars[(i, o.index)] = offset + len(o.text)
         index = i * job.params.n + o.index
         if chat:  # a chat chunk choice's `logprobs` is an object or absent in OpenAI's schema
-            choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": o.finish_reason}
-            if new_lps:
-                choice["logprobs"] = self._chat_logprobs(new_lps)
+            choice = {"index": index, "delta": {"content": o.text} if o.text else {},
+                      "finish_reason": o.finish_reason}
+            if o.logprobs:
+                choice["logprobs"] = self._chat_logprobs(o.logprobs)
             return choice
-        return {"index": index, "text": text,
-                "logprobs": self._completion_logprobs(new_lps, chars) if new_lps else None,
+        return {"index": index, "text": o.text,
+                "logprobs": self._completion_logprobs(o.logprobs, offset) if o.logprobs else None,
                 "finish_reason": o.finish_reason}
 
+
+def _unavailable(e: EngineDeadError) -> APIError:
+    headers = None
+    if isinstance(e, EngineRestartingError):
+        headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+    return APIError(503, str(e), code="engine_unavailable", headers=headers)

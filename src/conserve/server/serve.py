@@ -18,11 +18,14 @@ def add_serve_command(sub, parents) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
+    """wrap_engine: called on every engine built (first start and restarts) before it serves; tests
+    use it to inject faults."""
     import uvicorn
 
     from conserve.async_engine import AsyncEngine
     from conserve.engine import Engine
+    from conserve.server.admission import AdmissionLimits
     from conserve.server.app import build_app
     from conserve.server.batch_retry import EngineRetry
     from conserve.server.batches import BatchRunner
@@ -30,22 +33,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from conserve.server.metrics import Metrics
     from conserve.server.store import Store
 
-    # Open the durable store first: a data dir already used by another server fails before the
-    # model is loaded.
-    server = ServerConfig.from_flags(args)  # flags checked before the model loads
+    # Flags are checked, and the durable store opened, before the model is loaded: a bad value or a
+    # data dir already used by another server fails at once.
+    server = ServerConfig.from_flags(args)
+    config = EngineConfig.from_flags(args)
+    admission = AdmissionLimits(server.max_waiting_requests, server.flex_waiting_limit,
+                                server.max_predicted_ttft_factor, config.slo_ttft_ms / 1000)
     retry = EngineRetry(lambda: async_engine.is_running, max_faults=server.batch_max_engine_faults)
     store = Store(server.data_dir)
-    config = EngineConfig.from_flags(args)
 
     def make_engine() -> Engine:
         engine = Engine(config)
         engine.warmup()
+        if wrap_engine is not None:
+            wrap_engine(engine)
         return engine
 
     metrics = Metrics()
-    async_engine = AsyncEngine(make_engine, on_step=metrics.on_step)
-    engine = async_engine.start()
-    name = server.served_model_name or engine.loaded.name
+    async_engine = AsyncEngine(make_engine, on_step=metrics.on_step, max_restarts=server.max_engine_restarts,
+                               restart_backoff_s=server.engine_restart_backoff_s)
+    name = server.served_model_name or async_engine.start().loaded.name  # no reference kept: restarts free it
     runners: list[BatchRunner] = []
 
     def batch_routes(serving):
@@ -61,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store.close()
 
     app = build_app(async_engine, name, metrics, api_key=server.api_key, extra_routers=batch_routes,
-                    on_startup=startup, on_shutdown=shutdown,
+                    on_startup=startup, on_shutdown=shutdown, admission=admission,
                     trust_request_chat_template=server.trust_request_chat_template,
                     chat_template_timeout_s=server.request_chat_template_timeout)
     log.info("serving %s on http://%s:%d", name, server.host, server.port)
