@@ -19,7 +19,9 @@ class FakeEngine:
 
     def __init__(self, error: Exception) -> None:
         tokenizer = SimpleNamespace(chat_templates={"default": "{{ messages[0].content }}"})
-        self.engine = SimpleNamespace(tokenizer=tokenizer, max_model_len=64, validate_prompt=lambda ids: None)
+        self.engine = SimpleNamespace(tokenizer=tokenizer, max_model_len=64, latency_model=None,
+                                      config=SimpleNamespace(max_num_batched_tokens=64))
+        self.prompt_limits = SimpleNamespace(validate=lambda ids: None)
         self.error = error
 
     async def generate(self, *args, **kw):
