@@ -120,6 +120,22 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(client, model, ser
     assert kv_blocks_used(server) == 0
 
 
+@pytest.mark.parametrize("finish", ["length", "disconnect"])
+def test_flex_blocks_free_once_idle(client, model, server, finish):
+    # Offline requests' blocks wait for their host checkpoint copies to land; once the engine is
+    # idle those copies settle and the gauge must come back to 0, not keep the last step's count.
+    stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=40, stream=True,
+                                            service_tier="flex", extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if finish == "disconnect" and i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while kv_blocks_used(server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kv_blocks_used(server) == 0
+
+
 def test_metrics_report_classes(server, client, model):
     client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, service_tier="flex")
     text = httpx.get(f"{server.url}/metrics").text

@@ -210,7 +210,8 @@ class AsyncEngine:
                 if self._drain_inbox(engine) and self._on_step is not None:
                     self._on_step(engine, [], None)  # requests came or went: refresh gauges
                 if not engine.has_unfinished_requests():
-                    engine.settle()
+                    if engine.settle() and self._on_step is not None:
+                        self._on_step(engine, [], None)  # blocks held by copies were freed
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue

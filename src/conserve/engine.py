@@ -360,10 +360,13 @@ class Engine:
             touched[tracked.parent_id] = None
         return [self._parent_output(p) for p in touched]
 
-    def settle(self) -> None:
-        """When idle: let copies in flight land, so every block they held is free again."""
+    def settle(self) -> bool:
+        """When idle: let copies in flight land, so every block they held is free again. True if
+        there were any (block counts changed)."""
         if self.offload is not None and self.offload.num_in_flight:
             self.offload.wait_all()
+            return True
+        return False
 
     def _record_token(self, tracked: _Tracked, token: int, lp: TokenLogprobs | None, now: float) -> None:
         if tracked.first_token_time is None:
