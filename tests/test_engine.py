@@ -144,3 +144,25 @@ def test_small_kv_cache_forces_preemption_and_outputs_stay_exact():
     got = small.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == expect
     assert small.engine.kv_manager.num_free_blocks == 12
+
+
+def test_iteration_trace_logs_every_model_run(llm_fp32, tmp_path):
+    import json
+
+    from conserve.iteration_trace import IterationTrace
+
+    engine = llm_fp32.engine
+    path = tmp_path / "trace.jsonl"
+    engine.trace = IterationTrace(str(path))
+    try:
+        out = llm_fp32.generate(["The sea is", "Once upon a time"], SamplingParams(temperature=0, max_tokens=5,
+                                                                                 ignore_eos=True), use_tqdm=False)
+    finally:
+        engine.trace.close()
+        engine.trace = None
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines and all(line["kind"] == "iteration" and line["s"] > 0 for line in lines)
+    # Every prompt position and every sampled token but the last was computed in some logged run.
+    positions = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in out)
+    assert sum(line["on_dec"] + line["on_pre"] + line["off_dec"] + line["off_pre"] for line in lines) == positions
+    assert [line["t"] for line in lines] == sorted(line["t"] for line in lines)

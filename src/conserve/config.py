@@ -118,6 +118,9 @@ class EngineConfig:
         "iteration in the background, so preempting frees device blocks at once and resuming prefetches them; "
         "`swap`: copy everything at preemption, blocking; `recompute`: drop and recompute",
         group="coserving", choices=list(OFFLINE_KV_MODES))
+    iteration_trace: str | None = flag(None, "append one JSON line per model run (time, duration, the latency "
+                                       "model's prediction, tokens by class, context) to this file: where time "
+                                       "goes when co-serving", type=str, metavar="PATH")
     host_kv_cache_gb: float = flag(2.0, "host memory for checkpointed KV (pinned on CUDA); when full, the oldest "
                                    "checkpoints of preempted requests are dropped and those requests recompute",
                                    group="coserving")

@@ -17,6 +17,7 @@ from conserve.kv.copier import Copier, HostKVCache
 from conserve.kv.host_kv_manager import HostKVManager
 from conserve.kv.kv_manager import KVCacheManager, blocks_needed
 from conserve.kv.offload import Offloader
+from conserve.iteration_trace import IterationTrace
 from conserve.kv.sizing import (
     AUTO_CPU_FRACTION,
     AUTO_GPU_FRACTION,
@@ -128,6 +129,7 @@ class Engine:
         self._suspended: tuple[SchedulerOutput, Suspended] | None = None
         self._suspended_waits = 0  # steps since it last progressed
         self.stats = EngineStats()
+        self.trace = IterationTrace(config.iteration_trace) if config.iteration_trace else None
         self._tracked: dict[str, _Tracked] = {}
         self._parents: dict[str, _Parent] = {}
         self._ids = itertools.count()
@@ -262,10 +264,12 @@ class Engine:
             safepoint = self.preemption.safepoint(seen, 0, self.runner.num_layers)
         result = self.runner.execute(sched_out, safepoint)
         if result.stopped_at_layer is not None:
-            self._stopped(sched_out, result, time.perf_counter() - step_started)
+            self._stopped(sched_out, result, time.perf_counter() - step_started, 0)
             return []
         outputs = self._commit(sched_out, result)
         seconds = time.perf_counter() - step_started
+        if self.trace is not None:
+            self.trace.record("iteration", sched_out, seconds, self.latency_model)
         self.stats.on_iteration(sched_out, seconds)
         if self.latency_model is not None:
             # The whole step (planning, model, outputs) is what an online request feels between tokens.
@@ -279,10 +283,13 @@ class Engine:
             outputs += self._resume_in_slack(step_started)
         return outputs
 
-    def _stopped(self, sched_out: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
+    def _stopped(self, sched_out: SchedulerOutput, result: RunnerOutput, seconds: float, first_layer: int) -> None:
         """A safepoint stopped an offline-only iteration. With preemption "layer" it is suspended: its
         requests are frozen and it resumes from the next layer; with "layer-restart" nothing is
         committed and the KV written for these positions is overwritten when they are redone."""
+        if self.trace is not None:
+            self.trace.record("stopped", sched_out, seconds, self.latency_model,
+                              result.stopped_at_layer + 1 - first_layer)
         self.preemption.stopped()
         self.stats.on_partial(seconds)
         if self.config.preemption == "layer":
@@ -300,11 +307,15 @@ class Engine:
         safepoint = None
         if self._layer_preemption:
             safepoint = self.preemption.safepoint(seen, suspended.next_layer, self.runner.num_layers)
+        first_layer = suspended.next_layer
         result = self.runner.resume(suspended, safepoint)
         if result.stopped_at_layer is not None:
-            self._stopped(sched_out, result, time.perf_counter() - started)
+            self._stopped(sched_out, result, time.perf_counter() - started, first_layer)
             return []
         self.stats.on_partial(time.perf_counter() - started)
+        if self.trace is not None:
+            self.trace.record("resumed", sched_out, time.perf_counter() - started, self.latency_model,
+                              self.runner.num_layers - first_layer)
         return self._finish_suspended(sched_out, result)
 
     def _resume_in_slack(self, step_started: float) -> list[RequestOutput]:
@@ -323,8 +334,12 @@ class Engine:
             n = 1
         self._suspended_waits = 0
         started = time.perf_counter()
+        first_layer = suspended.next_layer
         result = self.runner.resume(suspended, None, max_layers=n)
         self.stats.on_partial(time.perf_counter() - started)
+        if self.trace is not None:
+            self.trace.record("slack", sched_out, time.perf_counter() - started, self.latency_model,
+                              min(n, self.runner.num_layers - first_layer))
         if result.stopped_at_layer is not None:
             return []
         return self._finish_suspended(sched_out, result)
