@@ -43,6 +43,7 @@ class _Add:
     params: SamplingParams
     request_class: RequestClass
     arrival_time: float
+    deadline: float | None = None
 
 
 class EngineDeadError(RuntimeError):
@@ -136,17 +137,18 @@ class AsyncEngine:
 
     # -- requests ------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       request_class: RequestClass = RequestClass.ONLINE) -> AsyncIterator[RequestOutput]:
+                       request_class: RequestClass = RequestClass.ONLINE,
+                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens appear, each holding only what is new since the previous one (text,
         token ids, logprobs; conserve.deltas.Accumulator rebuilds the whole); the last has finished=True.
         Leaving the loop early (client gone, task cancelled) aborts the request and frees its KV blocks.
         Raises EngineDeadError (EngineRestartingError while a rebuild is pending) when the engine
-        cannot serve it or fails while it runs."""
+        cannot serve it or fails while it runs. deadline: see Request.deadline (offline work)."""
         stream = DeltaBuffer()
         with self._lock:
             self.check_serving()
             self._streams[request_id] = stream
-            self._inbox.put(_Add(request_id, prompt_token_ids, params, request_class, time.monotonic()))
+            self._inbox.put(_Add(request_id, prompt_token_ids, params, request_class, time.monotonic(), deadline))
         engine = self.engine
         if request_class is RequestClass.ONLINE and engine is not None:
             engine.preemption.online_arrival(len(prompt_token_ids))  # may stop an offline iteration
@@ -293,7 +295,7 @@ class AsyncEngine:
                 continue
             try:
                 engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.request_class,
-                                   item.arrival_time)
+                                   item.arrival_time, item.deadline)
             except Exception as e:  # invalid request: hand the error to its caller only
                 self._deliver([(item.request_id, e)])
 

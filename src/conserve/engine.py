@@ -191,7 +191,8 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     request_class: RequestClass = RequestClass.ONLINE,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, deadline: float | None = None) -> None:
+        """deadline: when an offline request should be done (see Request.deadline)."""
         params = params or SamplingParams()
         if request_id in self._parents:
             raise RequestError(f"duplicate request id {request_id!r}")
@@ -206,7 +207,7 @@ class Engine:
                 child_params = SamplingParams(**{**params.__dict__, "n": 1,
                                                  "seed": None if params.seed is None else params.seed + index})
             request = Request(child_id, prompt_ids, child_params, tuple(self.tokenizer.eos_token_ids),
-                              request_class, arrival_time, self.max_model_len)
+                              request_class, arrival_time, self.max_model_len, deadline)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
                                            child_params.stop, child_params.include_stop_str_in_output)
             logprobs = [] if child_params.logprobs is not None else None

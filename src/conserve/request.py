@@ -44,6 +44,7 @@ class Request:
         request_class: RequestClass = RequestClass.ONLINE,
         arrival_time: float | None = None,
         max_model_len: int | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -58,6 +59,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.arrival_seq = 0  # order of arrival at the scheduler (set by it): ties never depend on clocks
+        # When an offline request should be done (any clock; only compared with other deadlines): its
+        # batch's created_at + completion_window. Earliest deadline first among offline work; None last.
+        self.deadline = deadline
         # Host-tier checkpoint (kv/offload.py): tokens whose copy to host was issued, and of those the
         # ones known to be there. A prefetch in flight makes the request wait before it computes.
         self.num_checkpoint_issued = 0
@@ -85,6 +89,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def deadline_key(self) -> float:
+        """Sort key: the deadline, or infinity for requests without one (they go after all others)."""
+        return self.deadline if self.deadline is not None else float("inf")
 
     @property
     def is_online(self) -> bool:

@@ -3,7 +3,9 @@
 Every iteration is planned in phases:
 1. running online requests: decodes first, then unfinished prefill chunks;
 2. waiting online requests (new arrivals, preempted ones);
-3. running offline requests, then waiting offline ones.
+3. running offline requests, then waiting offline ones, each earliest deadline first (EDF: a batch
+   line's deadline is its batch's created_at + completion_window; flex requests have none and go last),
+   arrival order among equal deadlines.
 With `fcfs` there are no classes: one pass over everything in arrival order. `priority` and
 `sarathi` keep the phases under a fixed token budget. `conserve` sizes every step with the latency
 model: online decodes always run; online prefill is chunked so the running online decodes keep their
@@ -66,9 +68,12 @@ class Scheduler:
         request.arrival_seq = next(self._arrivals)
         self._enqueue(request)
 
-    def _queue_key(self, request: Request) -> tuple[int, int]:
-        rank = 1 if self.config.has_classes and not request.is_online else 0
-        return rank, request.arrival_seq
+    def _queue_key(self, request: Request) -> tuple[int, float, int]:
+        if not self.config.has_classes:
+            return 0, 0.0, request.arrival_seq
+        if request.is_online:
+            return 0, 0.0, request.arrival_seq
+        return 1, request.deadline_key, request.arrival_seq
 
     def _enqueue(self, request: Request) -> None:
         bisect.insort(self.waiting, request, key=self._queue_key)
@@ -131,7 +136,7 @@ class Scheduler:
         if self.config.policy == "conserve" and not plan.has_online:
             plan.max_tokens = max(plan.max_tokens, self.config.max_offline_batched_tokens)
         offline_running = [r for r in self.running if not r.is_online]
-        self._schedule_running(plan, sorted(offline_running, key=_remaining_tokens))
+        self._schedule_running(plan, sorted(offline_running, key=_deadline_then_decodes))
         # Admit offline work only when memory is not tight: nothing was preempted and no online
         # request is left waiting (the blocks would be taken back from it next iteration).
         if not out.preempted and not any(r.is_online for r in self.waiting):
@@ -237,7 +242,7 @@ class Scheduler:
         self._iterations_without_offline += 1
         if self._iterations_without_offline < self.config.starvation_iterations:
             return
-        request = offline[0]
+        request = min(offline, key=lambda r: r.deadline_key)  # the first of the earliest deadline
         waiting = request.status is not RequestStatus.RUNNING
         if waiting and len(self.running) >= self.config.max_num_seqs:
             return
@@ -316,3 +321,8 @@ class Scheduler:
 def _remaining_tokens(request: Request) -> bool:
     """Sort key: decodes (one token to compute) before prefill chunks, stable otherwise."""
     return request.num_tokens - request.num_computed_tokens != 1
+
+
+def _deadline_then_decodes(request: Request) -> tuple[float, bool]:
+    """Sort key of running offline work: earliest deadline first, then decodes before prefill chunks."""
+    return request.deadline_key, _remaining_tokens(request)
