@@ -25,7 +25,7 @@ from conserve.server.store import Store
 
 
 def fake_execute(delay: float = 0.0, log_path: str | Path | None = None) -> Execute:
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         if body.get("max_tokens") == -1:
             return 400, error_body(400, "max_tokens must be at least 1", "max_tokens")
         await asyncio.sleep(float(body.get("sleep", delay)))

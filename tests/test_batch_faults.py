@@ -40,7 +40,7 @@ def test_lines_cancelled_before_their_first_step_free_their_slots(tmp_path):
     calls: list[str] = []
     parked = asyncio.Event()
 
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         text = body["messages"][-1]["content"]
         calls.append(text)
         if text.startswith("park"):
@@ -98,7 +98,7 @@ def test_lines_in_flight_at_engine_faults_run_again_and_answer_once(tmp_path):
     running: set[str] = set()
     alone_violations: list[tuple[str, set[str]]] = []
 
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         text = body["messages"][-1]["content"]
         calls[text] += 1
         if calls[text] > 2 and running:  # a line past its second fault must run alone
@@ -136,7 +136,7 @@ def test_a_poison_line_is_failed_after_max_faults_and_the_rest_complete(tmp_path
     f = put_file(store, requests(6))
     calls: Counter[str] = Counter()
 
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         text = body["messages"][-1]["content"]
         calls[text] += 1
         await asyncio.sleep(0.001)
@@ -173,7 +173,7 @@ def test_lines_wait_for_the_engine_to_be_back_before_running(tmp_path):
         ready["asked"] += 1
         return ready["now"]
 
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         calls.append(body["messages"][-1]["content"])
         return answer(calls[-1])
 
@@ -199,7 +199,7 @@ def test_max_faults_one_fails_a_line_at_its_first_fault(tmp_path):
     f = put_file(store, requests(2))
     calls: Counter[str] = Counter()
 
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         text = body["messages"][-1]["content"]
         calls[text] += 1
         if text == "q0":
@@ -237,7 +237,7 @@ def test_a_failed_commit_keeps_committed_lines_and_the_batch_finishes(tmp_path, 
 
     monkeypatch.setattr(store, "add_results", flaky_add)
 
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         text = body["messages"][-1]["content"]
         calls[text] += 1
         return answer(text)
@@ -269,7 +269,7 @@ def test_a_failing_finalize_leaves_the_batch_resumable_with_its_lines(tmp_path, 
         tries["n"] += 1
         raise OSError("disk full")
 
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         calls.append(body["messages"][-1]["content"])
         return answer(calls[-1])
 

@@ -37,7 +37,7 @@ def requests(n: int) -> bytes:
 
 
 def recording_execute(calls: list[str], delay: float = 0.0):
-    async def execute(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         await asyncio.sleep(delay)
         text = body["messages"][-1]["content"]
         calls.append(text)

@@ -194,8 +194,9 @@ def test_duplicate_custom_ids_fail_the_batch(server):
 def test_create_refusals(server):
     client = client_for(server)
     f = client.files.create(file=("in.jsonl", jsonl([line("a")])), purpose="batch")
-    with pytest.raises(openai.BadRequestError, match="completion_window"):
-        client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="1h")
+    for window in ("90s", "8d", "0m", "1 h", "24H"):  # minutes, hours or days, 1m to 7d
+        with pytest.raises(openai.BadRequestError, match="completion_window"):
+            client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window=window)
     with pytest.raises(openai.BadRequestError, match="endpoint"):
         client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
     with pytest.raises(openai.NotFoundError):

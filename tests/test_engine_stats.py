@@ -29,3 +29,19 @@ def test_harvest_rate_and_time_share_and_bounded_memory(monkeypatch):
     assert stats.offline_tokens_per_s() == pytest.approx(3.0)  # 3 offline tokens a second
     clock[0] += 2 * RATE_WINDOW_S
     assert stats.offline_tokens_per_s() == 0
+
+
+def test_harvest_rate_for_estimates_counts_from_when_offline_work_began(monkeypatch):
+    clock = [500.0]
+    monkeypatch.setattr(stats_module.time, "monotonic", lambda: clock[0])
+    stats = EngineStats()
+    assert stats.harvest_rate() is None  # nothing measured: no rate, rather than a zero
+    for _ in range(5):  # 2 s of offline work at 40 tokens per 0.5 s, after a long idle spell
+        stats.on_iteration(iteration(online=0, offline=40), seconds=0.5)
+        clock[0] += 0.5
+    assert stats.harvest_rate() == pytest.approx(4 * 40 / 2.5)  # not diluted over the 10 s window
+    assert stats.offline_tokens_per_s() == pytest.approx(200 / RATE_WINDOW_S)
+    stats.on_iteration(iteration(online=10, offline=0), seconds=2.0)  # online work: 2 s of the last 10
+    assert stats.online_time_share() == pytest.approx(0.2)
+    clock[0] += 2 * RATE_WINDOW_S
+    assert stats.harvest_rate() is None and stats.online_time_share() == 0

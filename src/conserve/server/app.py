@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve.async_engine import RESTARTING, AsyncEngine
+from conserve.server import dashboard
 from conserve.server.admission import AdmissionLimits
 from conserve.server.errors import APIError, error_response, validation_message, validation_param
 from conserve.server.metrics import Metrics
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: str | None = None,
               extra_routers: Callable[[OpenAIServing], list] | None = None, on_startup=None,
               on_shutdown=None, trust_request_chat_template: bool = False,
-              chat_template_timeout_s: float = 5.0, admission: AdmissionLimits | None = None) -> FastAPI:
+              chat_template_timeout_s: float = 5.0, admission: AdmissionLimits | None = None,
+              batch_summaries: Callable[[], list[dict]] | None = None) -> FastAPI:
     """engine: already started (AsyncEngine.start). extra_routers: given the serving object (whose
     `execute` runs one request offline), returns more routers to mount (the Files and Batches API).
+    batch_summaries: the batches the dashboard shows (BatchRunner.summaries).
     trust_request_chat_template, chat_template_timeout_s, admission: see OpenAIServing."""
     serving = OpenAIServing(engine, model_name, metrics, trust_request_chat_template, chat_template_timeout_s,
                             admission)
@@ -120,6 +123,9 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
 
     for router in (extra_routers(serving) if extra_routers else []):
         app.include_router(router)
+    config = engine.engine.config
+    app.include_router(dashboard.router(metrics, model_name, {"ttft_s": config.slo_ttft_ms / 1000,
+                                                              "tbt_s": config.slo_tbt_ms / 1000}, batch_summaries))
 
     @app.get("/", include_in_schema=False)
     async def root():

@@ -25,6 +25,14 @@ Results, in input order, as OpenAI writes them:
 window cut off go to the error file with error code "batch_expired"; lines a cancel cut off are in
 neither file. Both files have purpose "batch_output"; an empty one is not created and its id is null.
 
+Deadlines. A batch's deadline is created_at + completion_window ("24h" as OpenAI; this server also
+takes minutes, hours or days: "30m", "2h", "3d"). With deadlines on (the default), lines get engine slots
+earliest deadline first and carry the deadline into the engine, whose scheduler serves offline work
+earliest deadline first; off, arrival order. Each batch is costed in tokens when it is created, and
+its progress and estimated completion (batch_estimate.py) are reported in its `metadata` under
+conserve_* keys while it runs. A batch that cannot meet its window still runs: it expires, as OpenAI's
+do, only once the window has passed.
+
 Durability. A finished line is committed, with request_counts, before anything counts it; lines that
 finish together share one commit (one fsync). `start()` resumes every unfinished batch: committed lines
 are kept and not executed again, the rest run.
@@ -47,18 +55,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conserve.server.batch_estimate import BatchWork, completion_times, rough_cost, window_seconds
 from conserve.server.batch_retry import EngineRetry
+from conserve.server.batch_slots import PrioritySlots
 from conserve.server.errors import APIError, error_body
 from conserve.server.store import Batch, LineResult, PendingFile, Store, new_id
 
 log = logging.getLogger(__name__)
 
-# Runs one line's body as a non-streaming, offline POST to the endpoint; returns (status, json body),
-# or raises EngineDeadError when the engine failed under it (see batch_retry.py).
-Execute = Callable[[str, dict], Awaitable[tuple[int, dict]]]
+# Runs one line's body (endpoint, body, deadline) as a non-streaming, offline POST to the endpoint;
+# returns (status, json body), or raises EngineDeadError when the engine failed under it (see
+# batch_retry.py). deadline: the batch's expires_at (unix seconds), or None with deadlines off.
+Execute = Callable[[str, dict, "float | None"], Awaitable[tuple[int, dict]]]
+# A line's (prompt tokens, most output tokens), for the batch's estimate.
+Cost = Callable[[str, dict], tuple[int, int]]
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-COMPLETION_WINDOWS = {"24h": 24 * 3600}
+META_PREFIX = "conserve_"  # metadata keys this server adds to a running batch
+MAX_METADATA = 16  # OpenAI's limit of metadata pairs; the server's keys only fill what users leave
 MAX_BATCH_ERRORS = 100  # errors.data entries kept for a failed batch; the last one summarizes the rest
 MAX_DRIVER_DELAY_S = 60.0  # the longest back-off before driving a batch again after an internal error
 _BOM = b"\xef\xbb\xbf"
@@ -89,17 +103,24 @@ class _Job:
     stop: str | None = None  # "cancel" or "expire": start no more lines, cut the running ones off
     stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set with `stop`: ends a back-off early
     timer: asyncio.TimerHandle | None = None
+    expires_at: float = math.inf
+    order: tuple = ()  # place in the offline queue: (deadline, arrival) or (arrival,)
+    work: BatchWork | None = None  # costed lines (None until costed)
 
 
 class BatchRunner:
     """Runs batches against `execute`, at most `max_concurrency` lines at once over all batches (enough
     to keep the engine's offline queue full). `window_s` overrides the 24h completion window (tests).
     `retry` handles engine faults (default: EngineRetry(), which assumes the engine is always ready);
-    `driver_delay_s` is the first back-off after an internal error in a batch's driver."""
+    `driver_delay_s` is the first back-off after an internal error in a batch's driver.
+    `deadlines`: serve batches earliest deadline first (else in arrival order). `cost` prices a line in
+    tokens (default: rough_cost, no tokenizer); `harvest_rate` gives the offline tokens/s to expect
+    (None: no estimate)."""
 
     def __init__(self, store: Store, execute: Execute, max_concurrency: int = 64,
                  window_s: float | None = None, retry: EngineRetry | None = None,
-                 driver_delay_s: float = 1.0) -> None:
+                 driver_delay_s: float = 1.0, deadlines: bool = True, cost: Cost | None = None,
+                 harvest_rate: Callable[[], float | None] | None = None) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.store = store
@@ -107,7 +128,11 @@ class BatchRunner:
         self._window_s = window_s
         self._retry = retry if retry is not None else EngineRetry()
         self._driver_delay_s = driver_delay_s
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self.deadlines = deadlines
+        self._cost = cost if cost is not None else rough_cost
+        self._harvest_rate = harvest_rate
+        self._arrivals = 0
+        self._slots = PrioritySlots(max_concurrency)
         self._committer = _GroupCommitter(store)
         self._jobs: dict[str, _Job] = {}
         self._closed = False
@@ -137,9 +162,10 @@ class BatchRunner:
                      metadata: dict[str, str] | None = None) -> Batch:
         if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise APIError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}", "endpoint")
-        if completion_window not in COMPLETION_WINDOWS:
-            raise APIError(400, f"completion_window must be '24h'; got {completion_window!r}",
-                           "completion_window")
+        window = window_seconds(completion_window)
+        if window is None:
+            raise APIError(400, "completion_window must be '24h', or a number of minutes, hours or days from "
+                           f"1m to 7d such as '30m' or '2h'; got {completion_window!r}", "completion_window")
         _check_metadata(metadata)
         if not isinstance(input_file_id, str):
             raise APIError(400, "input_file_id must be a string", "input_file_id")
@@ -151,13 +177,14 @@ class BatchRunner:
                            "be uploaded with purpose 'batch'", "input_file_id")
         if self._closed:
             raise APIError(503, "the server is shutting down")
+        work = await asyncio.to_thread(self._cost_lines, input_file_id, endpoint, set())
         now = int(time.time())
-        window = self._window_s if self._window_s is not None else COMPLETION_WINDOWS[completion_window]
+        window = self._window_s if self._window_s is not None else window
         batch = Batch(id=new_id("batch_"), endpoint=endpoint, input_file_id=input_file_id,
                       completion_window=completion_window, status="validating", created_at=now,
                       expires_at=now + math.ceil(window), metadata=metadata)
         await asyncio.to_thread(self.store.create_batch, batch)
-        self._spawn(batch)
+        self._spawn(batch, work)
         return batch
 
     async def cancel(self, batch_id: str) -> Batch:
@@ -179,9 +206,78 @@ class BatchRunner:
             self._spawn(batch)  # not running (only before start()): finalize it as cancelled
         return batch
 
+    # -- progress and estimates --------------------------------------------------------------------
+    def to_api(self, batch: Batch) -> dict:
+        """The batch's API object; while it runs, its metadata also holds the server's conserve_* keys
+        (as many as fit beside the user's, up to 16 pairs): conserve_progress (the share of its token
+        work done, 0 to 1), conserve_estimated_completion_at (unix seconds, once a harvest rate is
+        known) and conserve_meets_window ("true"/"false": the estimate is within expires_at)."""
+        doc = batch.to_api()
+        live = self.live_status().get(batch.id)
+        if live is None or batch.status not in ("validating", "in_progress"):
+            return doc
+        extra = {"progress": f"{live['progress']:.3f}"}
+        if live["estimated_completion_at"] is not None:
+            extra["estimated_completion_at"] = str(math.ceil(live["estimated_completion_at"]))
+            extra["meets_window"] = "true" if live["meets_window"] else "false"
+        metadata = dict(doc["metadata"] or {})
+        for key, value in extra.items():
+            if len(metadata) >= MAX_METADATA:
+                break
+            metadata.setdefault(META_PREFIX + key, value)
+        return {**doc, "metadata": metadata}
+
+    def live_status(self) -> dict[str, dict]:
+        """{batch id: {"progress", "estimated_completion_at", "meets_window"}} of the batches running
+        here (the last two None without a harvest rate), estimated together: each waits for the ones
+        the scheduler serves before it."""
+        jobs = sorted((j for j in self._jobs.values() if j.work is not None and j.stop is None),
+                      key=lambda j: j.order)
+        rate = self._harvest_rate() if self._harvest_rate is not None else None
+        done_at = completion_times([j.work.remaining_tokens for j in jobs], rate, time.time())
+        return {job.batch_id: {"progress": job.work.progress, "estimated_completion_at": at,
+                               "meets_window": None if at is None else at <= job.expires_at}
+                for job, at in zip(jobs, done_at)}
+
+    def summaries(self, limit: int = 20) -> list[dict]:
+        """The newest batches, for the dashboard: counts, times and, while running, progress and the
+        estimate (live_status)."""
+        live = self.live_status()
+        out = []
+        for b in self.store.list_batches(limit)[0]:
+            finished = b.completed_at or b.expired_at or b.cancelled_at or b.failed_at
+            row = {"id": b.id, "status": b.status, "completion_window": b.completion_window,
+                   "created_at": b.created_at, "expires_at": b.expires_at, "finished_at": finished,
+                   "total": b.total, "completed": b.completed, "failed": b.failed,
+                   "progress": 1.0 if finished else None, "estimated_completion_at": None, "meets_window": None}
+            row.update(live.get(b.id, {}))
+            out.append(row)
+        return out
+
+    def _cost_lines(self, file_id: str, endpoint: str, done: set[int]) -> BatchWork:
+        """Price every well-formed line of the input file (blocking: call from a worker thread)."""
+        work = BatchWork()
+        try:
+            f = open(self.store.file_path(file_id), "rb")
+        except FileNotFoundError:
+            return work
+        with f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    body = parse_line(raw, endpoint)[1]
+                    prompt, max_out = self._cost(endpoint, body)
+                except Exception:  # a broken line costs nothing: it fails in validation
+                    continue
+                work.add_line(line_no, prompt, max_out, finished=line_no in done)
+        return work
+
     # -- one batch ---------------------------------------------------------------------------------
-    def _spawn(self, batch: Batch) -> None:
-        job = _Job(batch.id)
+    def _spawn(self, batch: Batch, work: BatchWork | None = None) -> None:
+        job = _Job(batch.id, work=work, expires_at=batch.expires_at)
+        self._arrivals += 1
+        job.order = (batch.expires_at, self._arrivals) if self.deadlines else (self._arrivals,)
         self._jobs[batch.id] = job
         if batch.status in ("validating", "in_progress"):
             delay = batch.expires_at - time.time()
@@ -227,6 +323,9 @@ class BatchRunner:
 
     async def _drive_once(self, job: _Job) -> None:
         batch = self._batch(job.batch_id)
+        if job.work is None and batch.status in ("validating", "in_progress"):  # resumed after a restart
+            job.work = await asyncio.to_thread(self._cost_lines, batch.input_file_id, batch.endpoint,
+                                               self.store.finished_lines(batch.id))
         if batch.status == "validating":
             batch = await self._validate(batch)
         if batch.status == "in_progress" and job.stop is None:
@@ -289,11 +388,11 @@ class BatchRunner:
                         break
                     if line_no in done or not raw.strip():
                         continue
-                    await self._slots.acquire()
+                    await self._slots.acquire((*job.order, line_no))
                     if job.stop is not None or errors:
                         self._slots.release()
                         break
-                    task = asyncio.create_task(self._run_line(batch, line_no, raw))
+                    task = asyncio.create_task(self._run_line(job, batch, line_no, raw))
                     # Released when the task ends, however it ends: a task cancelled before its first
                     # step never runs its own finally blocks, and would keep the slot for good.
                     task.add_done_callback(self._release_slot)
@@ -311,14 +410,16 @@ class BatchRunner:
     def _release_slot(self, _: asyncio.Task) -> None:
         self._slots.release()
 
-    async def _run_line(self, batch: Batch, line_no: int, raw: bytes) -> None:
+    async def _run_line(self, job: _Job, batch: Batch, line_no: int, raw: bytes) -> None:
+        deadline = float(batch.expires_at) if self.deadlines else None
+        usage = None
         try:
             custom_id, body = parse_line(raw, batch.endpoint)  # parsed again: memory stays flat
         except _BadLine as e:
             row = LineResult(batch.id, line_no, False, _error_doc(e.custom_id, e.code, f"line {line_no}: {e}"))
         else:
             try:
-                status, answer = await self._retry.run(lambda: self._execute(batch.endpoint, body),
+                status, answer = await self._retry.run(lambda: self._execute(batch.endpoint, body, deadline),
                                                        f"batch {batch.id} line {line_no}")
             except asyncio.CancelledError:
                 raise
@@ -326,6 +427,10 @@ class BatchRunner:
                 log.exception("batch %s line %d", batch.id, line_no)
                 status, answer = 500, error_body(500, f"internal error: {type(e).__name__}")
             row = LineResult(batch.id, line_no, 200 <= status < 300, _response_doc(custom_id, status, answer))
+            if row.ok and isinstance(answer.get("usage"), dict):
+                usage = answer["usage"]
+        if job.work is not None:
+            job.work.finish_line(line_no, usage)
         # Shielded: a line that finished is committed even if a cancel arrives meanwhile.
         await asyncio.shield(self._committer.put(row))
 

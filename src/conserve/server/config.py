@@ -25,6 +25,9 @@ class ServerConfig:
     batch_max_engine_faults: int = flag(3, "a batch line in flight when the engine fails is run again once the "
                                         "engine is back; at its Nth engine fault it is committed as failed with "
                                         "a `server_error` (1: no retries)", group="server", metavar="N")
+    batch_deadlines: bool = flag(True, "serve batches earliest deadline first (`created_at` + `completion_window`): "
+                                 "their lines get engine slots, and offline scheduling, in deadline order, flex "
+                                 "requests after them; off: arrival order", group="server")
     trust_request_chat_template: bool = flag(False, "run the `chat_template` a chat request brings (off: a "
                                              "template is code, such requests get 400); each one renders in a "
                                              "sandbox process with a time and memory limit", group="server")

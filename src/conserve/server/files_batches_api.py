@@ -89,7 +89,7 @@ def router(store: Store, runner: BatchRunner, max_upload_bytes: int) -> APIRoute
                 raise APIError(400, f"missing required parameter '{name}'", name)
         batch = await runner.create(body["input_file_id"], body["endpoint"], body["completion_window"],
                                     body.get("metadata"))
-        return batch.to_api()
+        return runner.to_api(batch)
 
     @r.get("/v1/batches")
     async def list_batches(request: Request) -> dict:
@@ -98,18 +98,18 @@ def router(store: Store, runner: BatchRunner, max_upload_bytes: int) -> APIRoute
             page, more = store.list_batches(_limit(q.get("limit"), 20, 100), q.get("after"))
         except LookupError:
             raise APIError(400, f"after: no such batch {q.get('after')!r}", "after") from None
-        return _page([b.to_api() for b in page], more, ids_required=False)
+        return _page([runner.to_api(b) for b in page], more, ids_required=False)
 
     @r.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> dict:
         batch = store.get_batch(batch_id)
         if batch is None:
             raise APIError(404, f"No such batch: {batch_id}", "batch_id", "batch_not_found")
-        return batch.to_api()
+        return runner.to_api(batch)
 
     @r.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str) -> dict:
-        return (await runner.cancel(batch_id)).to_api()
+        return runner.to_api(await runner.cancel(batch_id))
 
     return r
 

@@ -1,8 +1,11 @@
 """Prometheus metrics: request counts, latency histograms and tokens by request class, queue depths
-and KV cache use. Each app gets its own registry so several servers can live in one process (tests)."""
+and KV cache use. Each app gets its own registry so several servers can live in one process (tests).
+`/metrics` renders the registry in Prometheus' text format, `/metrics.json` (to_json) the same samples
+as JSON for the dashboard: one set of metrics, two renderings."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -53,11 +56,14 @@ class Metrics:
         self.recomputed = Counter("conserve_recomputed_tokens", "Committed tokens lost at preemption and "
                                   "computed again", registry=r)
         self.host_kv_used = Gauge("conserve_host_kv_blocks_used", "Host KV tier blocks in use", registry=r)
+        self.host_kv_total = Gauge("conserve_host_kv_blocks_total", "Host KV tier blocks in all", registry=r)
         # The harvest: what offline work gets of the machine (engine.stats).
         self.computed_tokens = Counter("conserve_computed_tokens", "Token positions computed (prompt and "
                                        "generated) by committed iterations", cls, registry=r)
         self.harvest_rate = Gauge("conserve_offline_tokens_per_second", "Offline tokens computed per second "
                                   "over the last 10 s (the harvest)", registry=r)
+        self.model_seconds = Counter("conserve_model_seconds", "Time in model runs by request class (an "
+                                     "iteration's time split by its tokens)", cls, registry=r)
         self.offline_time = Gauge("conserve_offline_time_fraction", "Share of model time spent on offline "
                                   "work since start", registry=r)
         self.resumed = Counter("conserve_resumed_iterations", "Offline iterations stopped between layers "
@@ -88,6 +94,9 @@ class Metrics:
         self._count(self.computed_tokens.labels(RequestClass.ONLINE.value), "online_tokens", stats.online_tokens)
         self._count(self.computed_tokens.labels(RequestClass.OFFLINE.value), "offline_tokens", stats.offline_tokens)
         self._count(self.resumed, "resumed", stats.resumed)
+        self._count(self.model_seconds.labels(RequestClass.ONLINE.value), "online_s",
+                    stats.busy_s - stats.offline_busy_s)
+        self._count(self.model_seconds.labels(RequestClass.OFFLINE.value), "offline_s", stats.offline_busy_s)
         self.harvest_rate.set(stats.offline_tokens_per_s())
         self.offline_time.set(stats.offline_time_fraction)
         while engine.preemption.latencies:
@@ -96,6 +105,7 @@ class Metrics:
             self._count(self.checkpointed, "checkpointed", engine.offload.stats.bytes_checkpointed)
             self._count(self.prefetched, "prefetched", engine.offload.stats.bytes_prefetched)
             self.host_kv_used.set(engine.offload.host.pool.num_used)
+            self.host_kv_total.set(engine.offload.host.pool.num_blocks)
 
     def _count(self, counter, key: str, total: int) -> None:
         """Counters mirror the engine's running totals: add what is new since the last step."""
@@ -106,3 +116,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def to_json(self) -> dict:
+        """The registry's samples as {name: {"type", "help", "samples": [...]}}: counters and gauges as
+        {"labels", "value"}, histograms as {"labels", "buckets": [[upper bound, cumulative count], ...],
+        "count", "sum"} (the last bound, +Inf, is null). Names are the families' (no _total suffix)."""
+        out: dict[str, dict] = {}
+        for family in self.registry.collect():
+            samples: dict[tuple, dict] = {}
+            for s in family.samples:
+                if s.name.endswith("_created"):
+                    continue
+                labels = {k: v for k, v in s.labels.items() if k != "le"}
+                entry = samples.setdefault(tuple(sorted(labels.items())), {"labels": labels})
+                if family.type != "histogram":
+                    entry["value"] = s.value
+                elif s.name.endswith("_bucket"):
+                    bound = float(s.labels["le"])
+                    entry.setdefault("buckets", []).append([bound if math.isfinite(bound) else None, s.value])
+                else:
+                    entry[s.name.rsplit("_", 1)[1]] = s.value  # count, sum
+            out[family.name] = {"type": family.type, "help": family.documentation,
+                                "samples": list(samples.values())}
+        return out

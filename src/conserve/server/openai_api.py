@@ -42,6 +42,7 @@ class _Job:
     request_class: RequestClass
     arrival: float = field(default_factory=time.monotonic)
     ticket: Ticket | None = None  # its place among the waiting requests (HTTP requests only)
+    deadline: float | None = None  # batch lines: their batch's expires_at (see Request.deadline)
 
 
 UNTRUSTED_TEMPLATE = ("this request brings its own chat_template, and a template is code: this server runs "
@@ -92,18 +93,19 @@ class OpenAIServing:
         outs = await self._collect(jobs, raw)
         return self._completion_response(jobs, outs, req.echo)
 
-    async def execute(self, endpoint: str, body: dict) -> tuple[int, dict]:
+    async def execute(self, endpoint: str, body: dict, deadline: float | None = None) -> tuple[int, dict]:
         """Run one batch line as an offline, non-streaming request; never raises for bad input.
         Raises EngineDeadError when the engine failed (or is restarting) under the request: that is
-        no answer for the line, which the batch runner runs again once the engine is back."""
+        no answer for the line, which the batch runner runs again once the engine is back.
+        deadline: when its batch should be done (the scheduler serves the earliest first)."""
         try:
             if endpoint == CHAT:
                 req = ChatCompletionRequest.model_validate({**body, "stream": False, "service_tier": "flex"})
-                jobs = await self._chat_jobs(req)
+                jobs = _with_deadline(await self._chat_jobs(req), deadline)
                 return 200, self._chat_response(jobs, await self._collect(jobs, None))
             if endpoint == COMPLETIONS:
                 req = CompletionRequest.model_validate({**body, "stream": False, "service_tier": "flex"})
-                jobs = await self._completion_jobs(req)
+                jobs = _with_deadline(await self._completion_jobs(req), deadline)
                 return 200, self._completion_response(jobs, await self._collect(jobs, None), req.echo)
             return 400, error_body(400, f"unsupported endpoint {endpoint!r}")
         except ValidationError as e:
@@ -112,6 +114,27 @@ class OpenAIServing:
             if isinstance(e.__cause__, EngineDeadError):
                 raise e.__cause__ from None
             return e.status, error_body(e.status, e.message, e.param, e.code)
+
+    def cost(self, endpoint: str, body: dict) -> tuple[int, int]:
+        """A batch line's (prompt tokens, most output tokens), for its batch's estimate: the prompt as
+        the model will see it (chat template applied), the output at max_tokens or the context left.
+        Blocking (tokenises): call from a worker thread. Raises for a line that cannot run."""
+        if endpoint == CHAT:
+            req = ChatCompletionRequest.model_validate({**body, "stream": False})
+            if req.chat_template is not None and req.chat_template not in self.tokenizer.chat_templates:
+                text = " ".join(str(m.get("content", "")) for m in req.conversation())  # no sandbox here
+                counts = [len(self.tokenizer.encode(text, add_special_tokens=False))]
+            else:
+                counts = [len(self._render_and_encode(req.conversation(), req.add_generation_prompt,
+                                                      req.chat_template))]
+            max_tokens, n = req.requested_max_tokens(), req.n or 1
+        else:
+            req = CompletionRequest.model_validate({**body, "stream": False})
+            counts = [len(self.tokenizer.encode(p)) if isinstance(p, str) else len(p) for p in req.prompts()]
+            max_tokens, n = req.max_tokens, req.n or 1
+        prompt = sum(counts)
+        out = sum(max_tokens if max_tokens is not None else self.max_model_len - c for c in counts)
+        return prompt * n, out * n
 
     # -- requests in ---------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
@@ -221,7 +244,7 @@ class OpenAIServing:
         last_time, count = None, 0
         try:
             async for out in self.engine.generate(job.request_id, job.prompt_token_ids, job.params,
-                                                  job.request_class):
+                                                  job.request_class, job.deadline):
                 now = time.monotonic()
                 new = sum(len(o.token_ids) for o in out.outputs)
                 if new:
@@ -399,6 +422,12 @@ class OpenAIServing:
         return {"index": index, "text": o.text,
                 "logprobs": self._completion_logprobs(o.logprobs, offset) if o.logprobs else None,
                 "finish_reason": o.finish_reason}
+
+
+def _with_deadline(jobs: list[_Job], deadline: float | None) -> list[_Job]:
+    for job in jobs:
+        job.deadline = deadline
+    return jobs
 
 
 def _unavailable(e: EngineDeadError) -> APIError:

@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
     from conserve.server.batch_retry import EngineRetry
     from conserve.server.batches import BatchRunner
     from conserve.server.files_batches_api import router as files_batches_router
+    from conserve.server.harvest import harvest_rate
     from conserve.server.metrics import Metrics
     from conserve.server.store import Store
 
@@ -57,7 +58,8 @@ def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
 
     def batch_routes(serving):
         runners.append(BatchRunner(store, serving.execute, max_concurrency=server.max_batch_concurrency,
-                                   retry=retry))
+                                   retry=retry, deadlines=server.batch_deadlines, cost=serving.cost,
+                                   harvest_rate=lambda: harvest_rate(async_engine.engine)))
         return [files_batches_router(store, runners[0], int(server.max_upload_mb * 2**20))]
 
     async def startup() -> None:
@@ -68,6 +70,7 @@ def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
         store.close()
 
     app = build_app(async_engine, name, metrics, api_key=server.api_key, extra_routers=batch_routes,
+                    batch_summaries=lambda: runners[0].summaries() if runners else [],
                     on_startup=startup, on_shutdown=shutdown, admission=admission,
                     trust_request_chat_template=server.trust_request_chat_template,
                     chat_template_timeout_s=server.request_chat_template_timeout)
