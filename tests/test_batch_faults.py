@@ -54,7 +54,7 @@ def test_lines_cancelled_before_their_first_step_free_their_slots(tmp_path):
 
         def task_factory(loop, coro, **kw):
             task = asyncio.Task(coro, loop=loop, **kw)
-            batch = coro.cr_frame.f_locals.get("batch") if coro.__qualname__ == "BatchRunner._run_line" else None
+            batch = coro.cr_frame.f_locals.get("batch") if coro.__qualname__ in ("BatchRunner._run_line", "BatchRunner._slotted_line") else None
             if batch is not None and batch.id in to_cancel:
                 runner._stop(runner._jobs[batch.id], "cancel")  # before the line's first step
                 task.cancel()

@@ -132,6 +132,7 @@ class BatchRunner:
         self._cost = cost if cost is not None else rough_cost
         self._harvest_rate = harvest_rate
         self._arrivals = 0
+        self._max_concurrency = max_concurrency
         self._slots = PrioritySlots(max_concurrency)
         self._committer = _GroupCommitter(store)
         self._jobs: dict[str, _Job] = {}
@@ -381,6 +382,10 @@ class BatchRunner:
             if not task.cancelled() and task.exception() is not None:
                 errors.append(task.exception())
 
+        # Every line waits for an engine slot in its own task, so each batch keeps a full set of lines
+        # in the slots' queue besides those running: a freed slot goes to the nearest deadline even
+        # while that batch's driver is busy. The backlog bounds the tasks a batch has at once.
+        backlog = asyncio.Semaphore(2 * self._max_concurrency)
         try:
             with f:
                 for line_no, raw in enumerate(f, 1):
@@ -388,14 +393,14 @@ class BatchRunner:
                         break
                     if line_no in done or not raw.strip():
                         continue
-                    await self._slots.acquire((*job.order, line_no))
+                    await backlog.acquire()
                     if job.stop is not None or errors:
-                        self._slots.release()
+                        backlog.release()
                         break
-                    task = asyncio.create_task(self._run_line(job, batch, line_no, raw))
+                    task = asyncio.create_task(self._slotted_line(job, batch, line_no, raw))
                     # Released when the task ends, however it ends: a task cancelled before its first
-                    # step never runs its own finally blocks, and would keep the slot for good.
-                    task.add_done_callback(self._release_slot)
+                    # step never runs its own finally blocks, and would keep its place for good.
+                    task.add_done_callback(lambda _: backlog.release())
                     task.add_done_callback(line_ended)
                     job.lines.add(task)
             await asyncio.gather(*job.lines, return_exceptions=True)
@@ -407,8 +412,12 @@ class BatchRunner:
         if errors:  # a commit failed: the batch cannot be trusted to finish (the driver runs it again)
             raise errors[0]
 
-    def _release_slot(self, _: asyncio.Task) -> None:
-        self._slots.release()
+    async def _slotted_line(self, job: _Job, batch: Batch, line_no: int, raw: bytes) -> None:
+        await self._slots.acquire((*job.order, line_no))  # earliest deadline first (or arrival order)
+        try:
+            await self._run_line(job, batch, line_no, raw)
+        finally:
+            self._slots.release()
 
     async def _run_line(self, job: _Job, batch: Batch, line_no: int, raw: bytes) -> None:
         deadline = float(batch.expires_at) if self.deadlines else None
