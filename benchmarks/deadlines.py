@@ -8,8 +8,12 @@ completion (metadata conserve_estimated_completion_at) in the create response, a
 mid-run (the first poll with half its lines done), and when it was seen finished; all in seconds
 after t=0. --compare runs it twice, with deadlines (the default) and with --no-batch-deadlines.
 
-    python benchmarks/deadlines.py --lines 16 --max-tokens 32 --compare \\
-        --server-arg=--dtype --server-arg=float32
+Deadlines decide who gets the engine when there is more offline work than it runs at once: a real
+batch has far more lines than the 64 batch slots. To get there with small batches, give the server
+fewer slots than the two batches have lines:
+
+    python benchmarks/deadlines.py --lines 16 --max-tokens 16 --online-tokens 8 --compare \\
+        --server-arg=--max-batch-concurrency --server-arg=8
 """
 
 from __future__ import annotations
