@@ -62,6 +62,7 @@ class Soak:
         self.kill_time: float | None = None
         self.restarted_time: float | None = None
         self._rss_stop = threading.Event()
+        self.http: httpx.AsyncClient | None = None
 
     # -- the server ----------------------------------------------------------------------------
     def start_server(self) -> float:
@@ -94,6 +95,10 @@ class Soak:
         os.killpg(self.server.proc.pid, signal.SIGKILL)
         self.server.proc.wait()
         ready = await asyncio.to_thread(self.start_server)
+        # Keep-alive connections to the killed process would be reset on first use: as a client
+        # library that retries on reconnect would, start over with a fresh pool.
+        old, self.http = self.http, self.new_client()
+        asyncio.get_running_loop().call_later(30, lambda: asyncio.ensure_future(old.aclose()))
         self.restarted_time = time.monotonic()
         self.down.clear()
         self.up.set()
@@ -104,12 +109,12 @@ class Soak:
         n = self.rng.randint(self.args.prompt_words // 2, self.args.prompt_words * 3 // 2)
         return " ".join(self.rng.choice(WORDS) for _ in range(n))
 
-    async def worker(self, http: httpx.AsyncClient, deadline: float) -> None:
+    async def worker(self, deadline: float) -> None:
         while time.monotonic() < deadline:
             await self.up.wait()
             flex = self.rng.random() < self.args.flex_fraction
             vanish_after = (self.rng.randint(1, 4) if self.rng.random() < self.args.vanish_fraction else None)
-            wait = await self.one_stream(http, "flex" if flex else "online", vanish_after)
+            wait = await self.one_stream(self.http, "flex" if flex else "online", vanish_after)
             if wait:
                 await asyncio.sleep(wait)
 
@@ -136,7 +141,8 @@ class Soak:
             if self._in_kill_window(sent):
                 outcome, wait = "cut_by_kill", 1.0  # the server was killed under it: a cut, not a loss
             else:
-                self.tally.lost_examples.append(f"{cls}: {type(e).__name__}: {e}")
+                since = f", sent {sent - self.restarted_time:.1f}s after the restart" if self.restarted_time else ""
+                self.tally.lost_examples.append(f"{cls}: {type(e).__name__}: {e}{since}")
         except httpx.TimeoutException as e:
             self.tally.lost_examples.append(f"{cls}: no answer in {REQUEST_TIMEOUT_S:.0f}s: {e}")
         if outcome == "lost" and self._in_kill_window(sent):
@@ -205,26 +211,32 @@ class Soak:
                 "missing": len(expected - set(ids)), "duplicated": sum(n - 1 for n in ids.values() if n > 1)}
 
     # -- the run -------------------------------------------------------------------------------
+    def new_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.args.streams + 16, max_keepalive_connections=self.args.streams)
+        return httpx.AsyncClient(limits=limits, timeout=30.0)
+
     async def run(self) -> dict:
         print(f"soak: starting the server (data dir {self.data_dir})", flush=True)
         await asyncio.to_thread(self.start_server)
         self.up.set()
         threading.Thread(target=self.watch_rss, daemon=True).start()
-        limits = httpx.Limits(max_connections=self.args.streams + 16, max_keepalive_connections=self.args.streams)
-        async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
-            batch_id = await self.create_batch(http)
+        self.http = self.new_client()
+        try:
+            batch_id = await self.create_batch(self.http)
             t0 = time.monotonic()
             deadline = t0 + self.args.duration
-            tasks = [asyncio.create_task(self.worker(http, deadline)) for _ in range(self.args.streams)]
+            tasks = [asyncio.create_task(self.worker(deadline)) for _ in range(self.args.streams)]
             if self.args.kill_at > 0:
                 tasks.append(asyncio.create_task(self.kill_and_restart()))
             progress = asyncio.create_task(self.report_progress(t0))
             await asyncio.gather(*tasks)
             progress.cancel()
             print("soak: load over; waiting for the batch to finish", flush=True)
-            batch = await self.finish_batch(http, batch_id, self.args.batch_timeout)
+            batch = await self.finish_batch(self.http, batch_id, self.args.batch_timeout)
             await asyncio.sleep(2)  # the engine thread frees aborted requests' blocks on its next pass
-            metrics = (await http.get(f"{self.url}/metrics")).text
+            metrics = (await self.http.get(f"{self.url}/metrics")).text
+        finally:
+            await self.http.aclose()
         self._rss_stop.set()
         self.server.stop()
         return self.summary(batch, metrics)

@@ -142,7 +142,7 @@ def _ctx(tmp_path, **kw) -> LaunchContext:
 
 def test_system_selection():
     assert [s.name for s in select_systems(None)] == list(SYSTEMS)
-    assert list(SYSTEMS)[:3] == ["online-only", "non-preemptive", "conserve"] and len(SYSTEMS) == 11
+    assert list(SYSTEMS)[:3] == ["online-only", "non-preemptive", "conserve"] and len(SYSTEMS) == 12
     assert [s.name for s in select_systems("conserve, online-only,conserve")] == ["conserve", "online-only"]
     with pytest.raises(ValueError, match="unknown system.*nope"):
         select_systems("conserve,nope")
@@ -487,12 +487,17 @@ def test_sweep_variants_and_their_flags(tmp_path):
     assert not _opts().sweeping
     expanded = expand_sweep(select_systems(",".join(SWEEP_SYSTEMS)), [50.0, 62.5], [128])
     assert [s.name for s in expanded] == ["online-only", "non-preemptive", "conserve-tbt50", "conserve-tbt62.5",
-                                          "sarathi-budget128", "priority", "vllm-online-only", "vllm-priority"]
+                                          "conserve-slowdown-x1.2", "sarathi-budget128", "priority",
+                                          "vllm-online-only", "vllm-priority"]
     tbt = expanded[3]
     assert (tbt.family_name, tbt.knob) == ("conserve", "--slo-tbt-ms 62.5")
     assert conserve_launch(tbt, _ctx(tmp_path)).argv[10:] == ["--slo-tbt-ms", "62.5"]
-    assert conserve_launch(expanded[4], _ctx(tmp_path)).argv[10:] == ["--scheduler", "sarathi", "--token-budget", "128"]
-    assert (expanded[5].family_name, expanded[5].knob) == ("priority", "")
+    slow = expand_sweep([SYSTEMS["conserve-slowdown"]], [50.0], [128], [1.1, 1.5])
+    assert [(s.family_name, s.knob) for s in slow] == [("conserve-slowdown", "--max-online-slowdown 1.1"),
+                                                      ("conserve-slowdown", "--max-online-slowdown 1.5")]
+    assert conserve_launch(slow[1], _ctx(tmp_path)).argv[-2:] == ["--max-online-slowdown", "1.5"]
+    assert conserve_launch(expanded[5], _ctx(tmp_path)).argv[10:] == ["--scheduler", "sarathi", "--token-budget", "128"]
+    assert (expanded[6].family_name, expanded[6].knob) == ("priority", "")
 
 
 def _run(name: str, summary: dict | None, status: str = "ok") -> tuple[System, SystemResult]:
@@ -551,6 +556,7 @@ def test_sweep_over_fake_servers(tmp_path, capsys):
     assert launched == {"online-only": (), "non-preemptive": SYSTEMS["non-preemptive"].server_args,
                         "conserve-tbt50": ("--slo-tbt-ms", "50"), "conserve-tbt100": ("--slo-tbt-ms", "100"),
                         "conserve-tbt200": ("--slo-tbt-ms", "200"),
+                        "conserve-slowdown-x1.2": ("--max-online-slowdown", "1.2"),
                         "sarathi-budget64": ("--scheduler", "sarathi", "--token-budget", "64"),
                         "sarathi-budget128": ("--scheduler", "sarathi", "--token-budget", "128"),
                         "priority": ("--scheduler", "priority")}
@@ -559,7 +565,7 @@ def test_sweep_over_fake_servers(tmp_path, capsys):
     assert rep["systems"]["vllm-priority"]["status"] == "not run"
     points = rep["tradeoff"]["points"]
     assert [p["system"] for p in points] == ["conserve-tbt50", "conserve-tbt100", "conserve-tbt200",
-                                             "sarathi-budget64", "sarathi-budget128", "priority", "vllm-priority"]
+                                             "conserve-slowdown-x1.2", "sarathi-budget64", "sarathi-budget128", "priority", "vllm-priority"]
     # the points in the file are the ones computed from the summaries in the file
     s = rep["systems"]
     for p in points[:-1]:

@@ -332,15 +332,16 @@ def test_memory_victims_spare_a_suspended_iteration_while_others_can_give_blocks
     assert not sched.suspension_broken
 
 
+@pytest.mark.parametrize("slowdown", [None, 1.2])
 @pytest.mark.parametrize("seed", range(6))
-def test_admitted_offline_work_finishes_within_a_bound_under_any_online_load_below_capacity(seed):
+def test_admitted_offline_work_finishes_within_a_bound_under_any_online_load_below_capacity(seed, slowdown):
     """The progress guarantee: whatever the online arrivals, an admitted offline request advances at
     least one token every starvation_iterations iterations, so W tokens of work finish within
     W * starvation_iterations iterations. Online load here ranges from light to nearly saturating
     bursts, with idle gaps of random length."""
     rng = random.Random(seed)
     k = 4
-    sched, _ = make(starvation_iterations=k, offline_iteration_s=3.0)
+    sched, _ = make(starvation_iterations=k, offline_iteration_s=3.0, max_online_slowdown=slowdown)
     off = req("off", 30, 20, OFFLINE)
     sched.add_request(off)
     bound = (30 + 20) * k
@@ -355,3 +356,47 @@ def test_admitted_offline_work_finishes_within_a_bound_under_any_online_load_bel
             break
     assert off.is_finished, f"offline request not done after {bound} iterations"
     assert off.output_token_ids == alone(30, 20, "off")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_slowdown_bound_keeps_online_iterations_near_their_online_only_time(seed):
+    """--max-online-slowdown 1.2: offline work joins an iteration with online work only while the
+    prediction stays within 1.2x its online part (and the TBT objective); the starvation guard may add
+    one token. The online schedule itself is the one it gets without offline work."""
+    sched, _ = make(max_online_slowdown=1.2)
+    online, offline = random_workload(seed)
+    stats = {"filled": 0}
+
+    def check(out):
+        online_shape = type(out)(scheduled=[s for s in out.scheduled if s.request.is_online]).shape
+        offline_tokens = sum(s.num_new_tokens for s in out.scheduled if not s.request.is_online)
+        if not online_shape.tokens or not offline_tokens:
+            return
+        stats["filled"] += 1
+        assert MODEL.predict(out.shape) <= 1.2 * MODEL.predict(online_shape) + 1e-9 or offline_tokens == 1
+
+    with_offline = drive(sched, online, offline, check)
+    online2, _ = random_workload(seed)
+    alone_schedule = drive(make(max_online_slowdown=1.2)[0], online2, [])
+    assert with_offline[:len(alone_schedule)] == alone_schedule
+    assert stats["filled"] > 0  # offline work did ride along in online iterations
+
+
+def test_with_a_slowdown_bound_recent_online_traffic_shrinks_offline_only_iterations():
+    # One safepoint interval of an offline-only iteration must fit the room a short online step
+    # leaves: 0.2 x 11 ms (one decode: 10 ms + 1 ms) per interval, 30 intervals -> ~66 ms, ~56 tokens.
+    sched, _ = make(max_num_batched_tokens=512, offline_iteration_s=3.0, max_online_slowdown=1.2,
+                    num_layer_groups=30)
+    sched.online_recently = True
+    sched.add_request(req("off", 1000, 4, OFFLINE))
+    out, _ = step(sched)
+    assert MODEL.predict(out.shape) <= 0.2 * 0.011 * 30 + 1e-9
+    assert out.num_tokens >= 50
+    sched.online_recently = False  # no online traffic lately: full-size offline iterations again
+    out, _ = step(sched)
+    assert out.num_tokens > 500
+
+
+def test_the_slowdown_bound_must_allow_online_work_itself():
+    with pytest.raises(ValueError, match="max_online_slowdown"):
+        SchedulerConfig(max_online_slowdown=0.9)

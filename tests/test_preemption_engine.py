@@ -59,12 +59,14 @@ def test_churn_leaves_outputs_exact(undisturbed, preemption, offline_kv):
     assert engine.kv_manager.num_free_blocks == 16
 
 
-def test_stopped_iterations_resume_where_they_stopped(undisturbed):
+@pytest.mark.parametrize("slowdown", [None, 1.2])
+def test_stopped_iterations_resume_where_they_stopped(undisturbed, slowdown):
     # Memory to spare (no suspension is broken by a memory preemption); online requests arrive while
     # offline-only iterations run, stop them, and the suspended iterations finish later from the
     # layer they stopped at, beside online work or alone.
     short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)  # online work comes and goes
-    engine, outputs, _ = run_with_arrivals("layer", "recompute", num_kv_blocks=64, every=4, online_params=short)
+    engine, outputs, _ = run_with_arrivals("layer", "recompute", num_kv_blocks=64, every=4, online_params=short,
+                                           max_online_slowdown=slowdown)
     assert {rid: outputs[rid] for rid in OFFLINE} == {rid: undisturbed[rid] for rid in OFFLINE}
     assert engine.preemption.num_preemptions >= 2
     assert engine.stats.resumed >= 2
@@ -72,12 +74,13 @@ def test_stopped_iterations_resume_where_they_stopped(undisturbed):
     assert not engine.scheduler.frozen and engine.kv_manager.num_free_blocks == 64
 
 
-def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_params=GREEDY):
+def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_params=GREEDY, **config_kw):
     # 16 blocks of 16 tokens = 256 token slots: four 70-token offline prompts growing to 86 tokens and
     # 30-token online arrivals cannot all stay resident. slo_ttft_ms=1: every online arrival during an
     # offline-only iteration is worth a layer-wise stop.
     config = EngineConfig(dtype="float32", device=DEVICE, num_kv_blocks=num_kv_blocks, slo_tbt_ms=60, slo_ttft_ms=1,
-                          max_iteration_ms=150, preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05, safepoint_every=3)
+                          max_iteration_ms=150, preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05, safepoint_every=3,
+                          **config_kw)
     engine = Engine(config, latency_model=rough_latency_model())
     if offline_kv == "checkpoint" and DEVICE == "cpu":
         engine.copier.delay_s = 0.03  # a slow copier: blocks must wait for their copies

@@ -97,6 +97,12 @@ class EngineConfig:
         "layer-restart` or `iteration` (with `layer`, an arrival stops an offline iteration at the next layer at "
         "no loss, so offline iterations are sized for throughput within `--max-offline-batched-tokens` and "
         "layers × `--slo-tbt-ms`, half that while online requests came in the last 10 s)", group="coserving")
+    max_online_slowdown: float | None = flag(
+        None, "online latency relative to online-only serving: offline work may make an iteration with online "
+        "work at most this many times as long as its online part alone (predicted), on top of `--slo-tbt-ms`; "
+        "while online requests came in the last 10 s, offline-only iterations shrink so that one safepoint "
+        "interval fits that share of a short online step (e.g. 1.2; unset: only the TBT objective bounds "
+        "offline work)", group="coserving", type=float, metavar="X", shown_default="off")
     token_budget: int = flag(_S.token_budget, "tokens per iteration for `--scheduler sarathi`", group="coserving")
     latency_model: str | None = flag(None, "a `conserve profile` JSON", group="coserving", type=str,
                                      metavar="PATH", shown_default="cached fit")
@@ -167,7 +173,9 @@ class EngineConfig:
                                token_budget=self.token_budget, slo_ttft_s=self.slo_ttft_ms / 1000,
                                slo_tbt_s=self.slo_tbt_ms / 1000, max_iteration_s=self.max_iteration_ms / 1000,
                                max_offline_batched_tokens=self.max_offline_batched_tokens,
-                               offline_iteration_s=offline_iteration_s)
+                               offline_iteration_s=offline_iteration_s,
+                               max_online_slowdown=self.max_online_slowdown,
+                               num_layer_groups=-(-num_layers // self.safepoint_every))
 
     # -- command line --------------------------------------------------------------------------
     @classmethod

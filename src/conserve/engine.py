@@ -128,6 +128,7 @@ class Engine:
         # An offline iteration stopped between layers, kept to resume (preemption "layer").
         self._suspended: tuple[SchedulerOutput, Suspended] | None = None
         self._suspended_waits = 0  # steps since it last progressed
+        self._slack_bank = 0.0  # room online steps left for its layers, not yet used (max_online_slowdown)
         self.stats = EngineStats()
         self.trace = IterationTrace(config.iteration_trace) if config.iteration_trace else None
         self._tracked: dict[str, _Tracked] = {}
@@ -322,18 +323,28 @@ class Engine:
     def _resume_in_slack(self, step_started: float) -> list[RequestOutput]:
         """Beside online work: run as many of the suspended iteration's layers as the online
         iteration left room for under the TBT objective (one, once in starvation_iterations steps,
-        if none fit), so it progresses under any online load."""
+        if none fit), so it progresses under any online load. With --max-online-slowdown the room
+        is that share of the online step's measured time, saved up over steps until a layer fits
+        (one is forced only after 16x starvation_iterations steps, so the forced ones stay rarer
+        than the 1% of steps a P99 sees)."""
         sched_out, suspended = self._suspended
+        config = self.scheduler.config
         layers = self.runner.num_layers
         per_layer = self.latency_model.predict(sched_out.shape) / layers if self.latency_model else 0.0
-        slack = self.scheduler.config.tbt_limit_s - (time.perf_counter() - step_started)
+        elapsed = time.perf_counter() - step_started
+        slack = config.tbt_limit_s - elapsed
+        patience = config.starvation_iterations
+        if config.max_online_slowdown is not None:
+            self._slack_bank += max(0.0, min(slack, (config.max_online_slowdown - 1) * elapsed))
+            slack, patience = self._slack_bank, 16 * config.starvation_iterations
         n = int(slack / per_layer) if per_layer > 0 else layers
         self._suspended_waits += 1
         if n < 1:
-            if self._suspended_waits < self.scheduler.config.starvation_iterations:
+            if self._suspended_waits < patience:
                 return []
             n = 1
         self._suspended_waits = 0
+        self._slack_bank = max(0.0, self._slack_bank - n * per_layer)
         started = time.perf_counter()
         first_layer = suspended.next_layer
         result = self.runner.resume(suspended, None, max_layers=n)
@@ -347,6 +358,7 @@ class Engine:
 
     def _finish_suspended(self, sched_out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         self._suspended = None
+        self._slack_bank = 0.0
         self.scheduler.thaw()
         self.stats.resumed += 1
         self.stats.on_tokens(sched_out)
@@ -356,6 +368,7 @@ class Engine:
         _, suspended = self._suspended
         self.stats.layers_discarded += suspended.next_layer
         self._suspended = None
+        self._slack_bank = 0.0
         self.scheduler.thaw()
 
     def _commit(self, sched_out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:

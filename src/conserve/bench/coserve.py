@@ -31,7 +31,7 @@ from conserve.bench.coserve_options import CoserveOptions
 from conserve.bench.coserve_results import write_results
 from conserve.bench.runner import run_benchmark
 from conserve.bench.servers import ServerError, ServerProcess, free_port
-from conserve.bench.sweep import DEFAULT_TOKEN_BUDGETS, SWEEP_SYSTEMS, expand_sweep, parse_number_list
+from conserve.bench.sweep import DEFAULT_SLOWDOWNS, DEFAULT_TOKEN_BUDGETS, SWEEP_SYSTEMS, expand_sweep, parse_number_list
 from conserve.bench.systems import (
     DEFAULT_HF_DIR,
     DEFAULT_VLLM_VENV,
@@ -75,6 +75,8 @@ def add_coserve_command(bench_sub) -> None:
                         f"{','.join(SWEEP_SYSTEMS)})")
     p.add_argument("--sweep-token-budgets", metavar="A,B,...", default=",".join(map(str, DEFAULT_TOKEN_BUDGETS)),
                    help="sarathi's token budgets in a sweep (default: %(default)s)")
+    p.add_argument("--sweep-online-slowdown", metavar="A,B,...", default=",".join(map(str, DEFAULT_SLOWDOWNS)),
+                   help="conserve-slowdown's --max-online-slowdown values in a sweep (default: %(default)s)")
     w = p.add_argument_group("workload (the same for every system)")
     dflt = " (default: %(default)s)"
     w.add_argument("--request-rate", metavar="R", type=float, default=None,
@@ -124,7 +126,9 @@ def options_from_args(args: argparse.Namespace) -> CoserveOptions:
                           load_fraction=None if explicit_rate else args.load_fraction,
                           calibration_requests=args.calibration_requests, sweep_slo_tbt_ms=sweep,
                           sweep_token_budgets=parse_number_list("--sweep-token-budgets", args.sweep_token_budgets,
-                                                                int))
+                                                                int),
+                          sweep_online_slowdown=parse_number_list("--sweep-online-slowdown",
+                                                                  args.sweep_online_slowdown))
 
 
 def cmd_bench_coserve(args: argparse.Namespace) -> int:
@@ -147,7 +151,7 @@ def run_coserve(opts: CoserveOptions, systems: Sequence[System]) -> int:
     # bad workload flags fail before any server starts
     opts.workload.bench_config(SYSTEMS["conserve"], "http://127.0.0.1", opts.tokenizer_json()).validate()
     if opts.sweeping:
-        systems = expand_sweep(systems, opts.sweep_slo_tbt_ms, opts.sweep_token_budgets)
+        systems = expand_sweep(systems, opts.sweep_slo_tbt_ms, opts.sweep_token_budgets, opts.sweep_online_slowdown)
     calibration = None
     if opts.load_fraction is not None:
         try:

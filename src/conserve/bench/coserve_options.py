@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from conserve.bench.calibrate import DEFAULT_BURST
-from conserve.bench.sweep import DEFAULT_TOKEN_BUDGETS
+from conserve.bench.sweep import DEFAULT_SLOWDOWNS, DEFAULT_TOKEN_BUDGETS
 from conserve.bench.systems import DEFAULT_HF_DIR, DEFAULT_VLLM_VENV, CoserveWorkload
 
 
@@ -24,6 +24,7 @@ class CoserveOptions:
     calibration_requests: int = DEFAULT_BURST
     sweep_slo_tbt_ms: list[float] = field(default_factory=list)  # empty: no trade-off sweep
     sweep_token_budgets: list[int] = field(default_factory=lambda: list(DEFAULT_TOKEN_BUDGETS))
+    sweep_online_slowdown: list[float] = field(default_factory=lambda: list(DEFAULT_SLOWDOWNS))
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
     @property

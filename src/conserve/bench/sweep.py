@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from conserve.bench.systems import System
 
 DEFAULT_TOKEN_BUDGETS = (128, 256, 512)
+DEFAULT_SLOWDOWNS = (1.2,)
 # the references (online-only, vllm-online-only: latency; non-preemptive: offline bound) and the
 # co-serving policies that become points
-SWEEP_SYSTEMS = ("online-only", "non-preemptive", "conserve", "sarathi", "priority", "vllm-online-only",
-                 "vllm-priority")
+SWEEP_SYSTEMS = ("online-only", "non-preemptive", "conserve", "conserve-slowdown", "sarathi", "priority",
+                 "vllm-online-only", "vllm-priority")
 # system -> (server flag, short name used in the variant's name)
-KNOBS = {"conserve": ("--slo-tbt-ms", "tbt"), "sarathi": ("--token-budget", "budget")}
+KNOBS = {"conserve": ("--slo-tbt-ms", "tbt"), "sarathi": ("--token-budget", "budget"),
+         "conserve-slowdown": ("--max-online-slowdown", "x")}
 
 
 def parse_number_list(flag: str, text: str, kind: type = float) -> list:
@@ -34,14 +36,15 @@ def variant(system: System, value: float) -> System:
     shown = f"{value:g}"
     return dataclasses.replace(system, name=f"{system.name}-{short}{shown}",
                                description=f"{system.description}, {flag} {shown}",
-                               server_args=(*system.server_args, flag, shown), family=system.name,
+                               server_args=(*_without(system.server_args, flag), flag, shown), family=system.name,
                                knob=f"{flag} {shown}")
 
 
-def expand_sweep(systems: Sequence[System], slo_tbt_ms: Sequence[float],
-                 token_budgets: Sequence[int]) -> list[System]:
-    """conserve once per TBT SLO, sarathi once per token budget, every other system once, in order."""
-    values = {"conserve": slo_tbt_ms, "sarathi": token_budgets}
+def expand_sweep(systems: Sequence[System], slo_tbt_ms: Sequence[float], token_budgets: Sequence[int],
+                 slowdowns: Sequence[float] = DEFAULT_SLOWDOWNS) -> list[System]:
+    """conserve once per TBT SLO, sarathi once per token budget, conserve-slowdown once per slowdown
+    bound, every other system once, in order."""
+    values = {"conserve": slo_tbt_ms, "sarathi": token_budgets, "conserve-slowdown": slowdowns}
     out: list[System] = []
     for system in systems:
         if system.name in values:
@@ -49,3 +52,16 @@ def expand_sweep(systems: Sequence[System], slo_tbt_ms: Sequence[float],
         else:
             out.append(system)
     return out
+
+
+def _without(args: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    """args less flag and its value, so a variant sets the knob once."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        else:
+            out.append(a)
+    return tuple(out)

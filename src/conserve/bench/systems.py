@@ -122,6 +122,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
               "--scheduler", "priority", "--preemption", "iteration", "--offline-kv", "recompute",
               "--max-num-batched-tokens", "4096"),
     _conserve("conserve", "conserve defaults (everything on) + offline load"),
+    _conserve("conserve-slowdown", "conserve with offline fill bounded relative to online-only iterations",
+              "--max-online-slowdown", "1.2"),
     _conserve("fcfs", "ablation: one FCFS queue", "--scheduler", "fcfs"),
     _conserve("priority", "ablation: online first, preempt only on KV pressure", "--scheduler", "priority"),
     _conserve("sarathi", "ablation: fixed per-iteration token budget", "--scheduler", "sarathi"),

@@ -30,6 +30,12 @@ class SchedulerConfig:
     max_offline_batched_tokens: int = 8192
     offline_iteration_s: float | None = None
     starvation_iterations: int = 8  # offline runs at least once in this many iterations
+    # Online latency as a ratio to online-only serving: an iteration with online work may be planned
+    # at most this many times as long as its online part alone (predicted), besides staying under
+    # the TBT objective; offline-only iterations while online requests came lately are sized so
+    # that one safepoint interval fits that room. None: only the TBT objective bounds the fill.
+    max_online_slowdown: float | None = None
+    num_layer_groups: int = 1  # safepoint intervals in one iteration (layers / safepoint_every)
     min_chunk: int = 16  # smallest prefill chunk forced through when nothing else fits
 
     def __post_init__(self) -> None:
@@ -44,6 +50,10 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.offline_iteration_s is not None and not self.offline_iteration_s > 0:
             raise ValueError(f"offline_iteration_s must be > 0, got {self.offline_iteration_s}")
+        if self.max_online_slowdown is not None and not self.max_online_slowdown >= 1:
+            raise ValueError(f"max_online_slowdown must be >= 1 (or None: off), got {self.max_online_slowdown}")
+        if self.num_layer_groups < 1:
+            raise ValueError(f"num_layer_groups must be >= 1, got {self.num_layer_groups}")
         if not 0 <= self.tbt_margin < 1:
             raise ValueError(f"tbt_margin must be in [0, 1), got {self.tbt_margin}")
 

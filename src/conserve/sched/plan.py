@@ -20,6 +20,9 @@ class IterationPlan:
         self.has_online_decode = False
         self.num_offline = 0
         self.num_online_prefills = 0
+        # What offline work may raise the iteration's predicted time to when it has online work
+        # (Scheduler._fill_limit, set once the online part is planned).
+        self.fill_limit_s = 0.0
 
     @property
     def tokens_left(self) -> int:

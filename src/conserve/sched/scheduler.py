@@ -24,7 +24,7 @@ from conserve.errors import RequestError
 from conserve.kv.kv_manager import KVCacheManager
 from conserve.request import Request, RequestStatus
 from conserve.sched.config import SchedulerConfig
-from conserve.sched.latency_model import LatencyModel
+from conserve.sched.latency_model import LatencyModel, decode_batch
 from conserve.sched.output import SchedulerOutput
 from conserve.sched.plan import IterationPlan, best_throughput_chunk, largest_fitting
 from conserve.sched.victims import choose_victim
@@ -133,8 +133,11 @@ class Scheduler:
             # An offline iteration is suspended: the room online work leaves goes to its remaining
             # layers (Engine._resume_in_slack), not to more offline work that would starve it.
             return out
-        if self.config.policy == "conserve" and not plan.has_online:
-            plan.max_tokens = max(plan.max_tokens, self.config.max_offline_batched_tokens)
+        if self.config.policy == "conserve":
+            if plan.has_online:
+                plan.fill_limit_s = self._fill_limit(plan)
+            else:
+                plan.max_tokens = max(plan.max_tokens, self.config.max_offline_batched_tokens)
         offline_running = [r for r in self.running if not r.is_online]
         self._schedule_running(plan, sorted(offline_running, key=_deadline_then_decodes))
         # Admit offline work only when memory is not tight: nothing was preempted and no online
@@ -213,12 +216,12 @@ class Scheduler:
                 n = max(n, min(remaining, config.min_chunk))
             return n
         if plan.has_online:
-            return largest_fitting(model, plan.shape, start, remaining, config.tbt_limit_s)
+            return largest_fitting(model, plan.shape, start, remaining, plan.fill_limit_s)
         # No online work: the size the latency model says runs most efficiently, within the
         # offline iteration bound (see SchedulerConfig.offline_iteration_s).
         limit = config.offline_iteration_s or config.max_iteration_s
         if config.offline_iteration_s and self.online_recently:
-            limit /= 2  # a suspended layer then fits the room an online iteration leaves (about half)
+            limit = self._recent_online_limit(limit)
         largest = largest_fitting(model, plan.shape, start, remaining, limit)
         if plan.shape.tokens == 0 and largest == 0:
             return min(remaining, config.min_chunk)  # an iteration always makes progress
@@ -228,6 +231,26 @@ class Scheduler:
             # later (~1.7x a causal prompt's attention): it starts whole in the next iteration.
             return 0
         return n
+
+    def _fill_limit(self, plan: IterationPlan) -> float:
+        """How long offline work may make an iteration whose online part is planned: the TBT
+        objective less its margin, and with max_online_slowdown, that multiple of the online part."""
+        limit = self.config.tbt_limit_s
+        slowdown = self.config.max_online_slowdown
+        if slowdown is not None:
+            limit = min(limit, slowdown * self.latency_model.predict(plan.shape))
+        return limit
+
+    def _recent_online_limit(self, limit: float) -> float:
+        """Offline-only iterations while online requests came lately: if one is stopped, its layers
+        run in the room online iterations leave (Engine._resume_in_slack). Without a slowdown bound
+        that room is about half the TBT objective; with one, it is the slowdown's share of the
+        cheapest online iteration (one short decode), and one safepoint interval must fit it."""
+        slowdown = self.config.max_online_slowdown
+        if slowdown is None:
+            return limit / 2
+        room = (slowdown - 1) * self.latency_model.predict(decode_batch(1, 1))
+        return min(limit, room * self.config.num_layer_groups)
 
     def _guard_starvation(self, plan: IterationPlan) -> None:
         """If offline work was left out starvation_iterations times in a row, run a little of it: as
@@ -246,7 +269,12 @@ class Scheduler:
         waiting = request.status is not RequestStatus.RUNNING
         if waiting and len(self.running) >= self.config.max_num_seqs:
             return
-        limit = self.config.slo_tbt_s if plan.has_online else self.config.max_iteration_s
+        if not plan.has_online:
+            limit = self.config.max_iteration_s
+        elif self.config.max_online_slowdown is None:
+            limit = self.config.slo_tbt_s  # the objective itself: its margin is what the guard spends
+        else:
+            limit = plan.fill_limit_s
         remaining = min(request.num_tokens - request.num_computed_tokens, self.config.min_chunk)
         n = largest_fitting(self.latency_model, plan.shape, request.num_computed_tokens, remaining, limit)
         n = max(n, 1)
