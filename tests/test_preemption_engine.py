@@ -74,7 +74,19 @@ def test_stopped_iterations_resume_where_they_stopped(undisturbed, slowdown):
     assert not engine.scheduler.frozen and engine.kv_manager.num_free_blocks == 64
 
 
-def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_params=GREEDY, **config_kw):
+def test_inline_checkpoints_leave_outputs_exact(undisturbed):
+    # On CPU checkpoints are copied inline by default (the slow-copier churn above uses the worker
+    # thread): the same churn, copies done when submitted.
+    engine, outputs, offline = run_with_arrivals("layer", "checkpoint", num_kv_blocks=16, every=4, copier_delay=0.0)
+    assert outputs == undisturbed
+    assert sum(r.num_preemptions for r in offline.values()) >= 2
+    assert engine.offload.stats.bytes_prefetched > 0 and not engine.copier.background
+    assert engine.offload.num_in_flight == 0  # nothing is ever left in flight
+    assert engine.kv_manager.num_free_blocks == 16
+
+
+def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_params=GREEDY, copier_delay=0.03,
+                      **config_kw):
     # 16 blocks of 16 tokens = 256 token slots: four 70-token offline prompts growing to 86 tokens and
     # 30-token online arrivals cannot all stay resident. slo_ttft_ms=1: every online arrival during an
     # offline-only iteration is worth a layer-wise stop.
@@ -83,7 +95,7 @@ def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_param
                           **config_kw)
     engine = Engine(config, latency_model=rough_latency_model())
     if offline_kv == "checkpoint" and DEVICE == "cpu":
-        engine.copier.delay_s = 0.03  # a slow copier: blocks must wait for their copies
+        engine.copier.delay_s = copier_delay  # a slow copier: blocks must wait for their copies
     for rid, ids in OFFLINE.items():
         engine.add_request(rid, ids, GREEDY, RequestClass.OFFLINE)
     offline = {rid: engine.scheduler.requests[rid] for rid in OFFLINE}
