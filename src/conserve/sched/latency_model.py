@@ -4,8 +4,11 @@ An iteration's shape (`IterationShape`) is what its cost depends on:
 - P, tokens processed (prefill-chunk plus decode tokens): the matmuls, with a knee at small P;
 - D, decode attention reads: decodes x the longest decode context (the runner pads decode
   attention to the longest context in the batch);
-- R, prefill attention reads: the sum over prefill chunks of chunk length x context after the chunk.
-The fit is least squares over features (1, P, P², D, R, P·D), weighted by 1/T so that relative error
+- R, prefill attention reads: the sum over prefill chunks of chunk length x context after the chunk;
+- K, prefill chunks: each runs its own attention per layer (a gather of its context, a masked call),
+  a fixed cost that made a few offline prompt tokens beside one online decode cost +40%, not the +3%
+  a per-token cost alone predicts.
+The fit is least squares over features (1, P, P², D, R, P·D, K), weighted by 1/T so that relative error
 counts (a 14 ms decode step and a 1 s prefill alike), with every coefficient kept >= 0 so predictions
 grow with work (the scheduler binary-searches chunk sizes on that). A single "C = total context"
 feature was tried first: held-out median error 6-10%, but 50% on prefill chunks after a long context,
@@ -21,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FEATURES = ("1", "P", "P^2", "D", "R", "P*D")
+FEATURES = ("1", "P", "P^2", "D", "R", "P*D", "K")
 CORRECTION_RATE = 0.05  # smoothing of the measured/predicted correction: ~20 iterations
 # Live iterations this far off the fit, this many in a row, mean the fit no longer describes the
 # machine (another CPU, other load, another engine build): refit at once rather than wait.
@@ -35,6 +38,7 @@ class IterationShape:
     num_decodes: int = 0
     max_decode_context: int = 0
     prefill_reads: int = 0  # R
+    num_chunks: int = 0  # K: prefill chunks (steps of more than one token)
 
     @property
     def decode_reads(self) -> int:  # D
@@ -48,18 +52,20 @@ class IterationShape:
             self.max_decode_context = max(self.max_decode_context, context_after)
         else:
             self.prefill_reads += num_new * context_after
+            self.num_chunks += 1
 
     def plus(self, num_new: int, context_after: int) -> IterationShape:
-        other = IterationShape(self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads)
+        other = IterationShape(self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads,
+                               self.num_chunks)
         other.add(num_new, context_after)
         return other
 
     def features(self) -> list[float]:
         p, d = float(self.tokens), float(self.decode_reads)
-        return [1.0, p, p * p, d, float(self.prefill_reads), p * d]
+        return [1.0, p, p * p, d, float(self.prefill_reads), p * d, float(self.num_chunks)]
 
     def to_json(self) -> list[int]:
-        return [self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads]
+        return [self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads, self.num_chunks]
 
     @classmethod
     def from_json(cls, data: list[int]) -> IterationShape:
@@ -115,6 +121,10 @@ class LatencyModel:
     correction: float = 1.0
     drift_refits: int = 0  # refits triggered by sustained drift (the engine logs the first)
     _drifting: int = field(default=0, repr=False)  # consecutive observations off the fit by > DRIFT_RATIO
+
+    def __post_init__(self) -> None:
+        # Coefficients written for fewer features (hand-made models in tests) leave the rest at 0.
+        self.coefficients = list(self.coefficients) + [0.0] * (len(FEATURES) - len(self.coefficients))
 
     def predict(self, shape: IterationShape) -> float:
         """Predicted seconds for an iteration of this shape (never below 0)."""

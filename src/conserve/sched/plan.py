@@ -63,7 +63,8 @@ def throughput(model: LatencyModel, shape: IterationShape) -> float:
     """Predicted tokens/s, leaving out prefill attention (R): a prompt's attention over its own tokens
     is paid however it is chunked, so counting it would make splitting prompts into many small
     chunks look cheaper now, only to pay more later (chunks after context attend through a mask)."""
-    seconds = model.predict(IterationShape(shape.tokens, shape.num_decodes, shape.max_decode_context, 0))
+    seconds = model.predict(IterationShape(shape.tokens, shape.num_decodes, shape.max_decode_context, 0,
+                                           shape.num_chunks))
     return shape.tokens / seconds if seconds > 0 else float("inf")
 
 
