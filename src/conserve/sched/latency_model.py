@@ -5,7 +5,8 @@ An iteration's shape (`IterationShape`) is what its cost depends on:
 - D, decode attention reads: decodes x the longest decode context (the runner pads decode
   attention to the longest context in the batch);
 - R, prefill attention reads: the sum over prefill chunks of chunk length x context after the chunk;
-- K, prefill chunks: each runs its own attention per layer (a gather of its context, a masked call),
+- K, prefill chunks after context: each runs its own attention per layer (a gather of its context, a
+  masked call),
   a fixed cost that made a few offline prompt tokens beside one online decode cost +40%, not the +3%
   a per-token cost alone predicts.
 The fit is least squares over features (1, P, P², D, R, P·D, K), weighted by 1/T so that relative error
@@ -38,7 +39,7 @@ class IterationShape:
     num_decodes: int = 0
     max_decode_context: int = 0
     prefill_reads: int = 0  # R
-    num_chunks: int = 0  # K: prefill chunks (steps of more than one token)
+    num_chunks: int = 0  # K: prefill chunks (steps of more than one token) that follow earlier context
 
     @property
     def decode_reads(self) -> int:  # D
@@ -52,7 +53,8 @@ class IterationShape:
             self.max_decode_context = max(self.max_decode_context, context_after)
         else:
             self.prefill_reads += num_new * context_after
-            self.num_chunks += 1
+            if context_after > num_new:  # a chunk after context: gathered and masked (a prompt's start is not)
+                self.num_chunks += 1
 
     def plus(self, num_new: int, context_after: int) -> IterationShape:
         other = IterationShape(self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads,
