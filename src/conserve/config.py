@@ -26,6 +26,8 @@ _S = SchedulerConfig  # the scheduler's own defaults, written once there
 
 # Weight-only quantised matmuls (model/quant.py says what each mode quantises).
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+ATTENTION_MODES = ("auto", "kernel", "gather")
+COMPILE_MODES = ("off", "on")
 
 
 @dataclass
@@ -56,8 +58,20 @@ class EngineConfig:
         "`--kernel-cache-dir`; where quantised never wins under `auto`, the quantised copies are freed",
         type=int, shown_default="measured")
     kernel_cache_dir: str = flag(str(Path.home() / ".cache/conserve/kernels"),
-                                 "where measured quantised-matmul cross-overs are cached",
-                                 shown_default="`~/.cache/conserve/kernels`")
+                                 "where measured quantised-matmul cross-overs and the built paged-attention "
+                                 "kernel are cached", shown_default="`~/.cache/conserve/kernels`")
+    compile: str = flag(
+        "off", "`on`: the layer body (norms, projections, rotary, MLP; attention runs between its two halves) "
+        "goes through torch.compile (inductor's C++ backend on CPU, Triton on CUDA), one graph for single "
+        "tokens and one dynamic graph for every other size; all are compiled at start (time in the log) and "
+        "inductor's caches kept in `--kernel-cache-dir`. bfloat16 weights then skip oneDNN prepacking, which "
+        "compiled graphs cannot take. `off`: eager PyTorch", choices=list(COMPILE_MODES))
+    attention: str = flag(
+        "auto", "decode attention over the paged KV cache. `kernel`: a C++ kernel reads each request's KV "
+        "blocks in place through its block table (CPU; built with the system C++ compiler at first start, "
+        "~5-10 s, then cached in `--kernel-cache-dir`), so one long context costs only its own reads. "
+        "`gather`: copy every decode context, padded to the longest, each layer. `auto`: the kernel where it "
+        "builds, else gather", choices=list(ATTENTION_MODES))
     int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
                             "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "
@@ -153,6 +167,10 @@ class EngineConfig:
             raise ValueError(f"quant_max_tokens must be >= 0, got {self.quant_max_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
         if self.offline_kv not in OFFLINE_KV_MODES:

@@ -28,6 +28,7 @@ from conserve.kv.sizing import (
 )
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
+from conserve.model import paged_kernel
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.preemption import LayerPreemption
@@ -100,7 +101,7 @@ class Engine:
         self.config = config = config or EngineConfig(**kwargs)
         tune_malloc()
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.quantization,
-                            config.quant_max_tokens, config.kernel_cache_dir)
+                            config.quant_max_tokens, config.kernel_cache_dir, config.compile)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         c = loaded.config
@@ -114,7 +115,7 @@ class Engine:
                                 loaded.model.dtype, loaded.model.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size)
         self.prompt_limits = PromptLimits(self.max_model_len, c.vocab_size, config.block_size, num_blocks)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, self._paged_kernel())
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
         self.latency_model = latency_model
@@ -136,6 +137,14 @@ class Engine:
         self._ids = itertools.count()
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                  num_blocks * per_block / 2**30)
+
+    def _paged_kernel(self) -> bool:
+        mode = self.config.attention
+        if mode == "gather" or self.loaded.model.device.type != "cpu":
+            return False
+        if not paged_kernel.load(self.config.kernel_cache_dir) and mode == "kernel":
+            raise RuntimeError("--attention kernel: the paged-attention kernel could not be built (see the log)")
+        return paged_kernel.available()
 
     def _num_kv_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
         config = self.config

