@@ -116,3 +116,14 @@ def test_sustained_drift_refits_at_once_and_a_blip_does_not():
     assert model.observe(shape, 2.2 * model._fitted(shape), refit_every=10_000)  # sustained: refit now
     assert model.drift_refits == 1
     assert abs(model.predict(shape) / (2.2 * LatencyModel(truth).predict(shape)) - 1) < 0.25
+
+
+def test_decode_reads_follow_the_attention_path():
+    # Padded decode attention (gather) reads every decode at the longest context; the paged kernel
+    # reads each request's own context: a long request must not be charged to the short ones.
+    shape = IterationShape().plus(1, 100).plus(1, 1000)
+    model = LatencyModel([0.0, 0.0, 0.0, 1e-6])  # D only
+    assert model.predict(shape) == pytest.approx(2000e-6)
+    model.padded_decode = False
+    assert model.predict(shape) == pytest.approx(1100e-6)
+    assert IterationShape.from_json(shape.to_json()) == shape

@@ -118,6 +118,8 @@ class Engine:
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, self._paged_kernel())
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
+        if latency_model is not None:
+            latency_model.padded_decode = not self.runner.paged_kernel
         self.latency_model = latency_model
         self.offload = self._build_offloader(per_block)
         sched_config = config.scheduler_config(self.max_model_len, c.num_layers)

@@ -53,7 +53,7 @@ def cache_path(cache_dir: Path, model_name: str, dtype: torch.dtype, device: str
             f"-g{GRID_VERSION}.json")
     return cache_dir / name
 
-GRID_VERSION = 3  # in the cache file name: bump it when the grid below changes, so old fits are not reused
+GRID_VERSION = 4  # in the cache file name: bump it when the grid below changes, so old fits are not reused
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 PREFILL_CHUNKS = (16, 64, 256, 512, 1024)
 # Offline-only iterations may be far larger: whole prompts at once, measured without prior context

@@ -2,8 +2,9 @@
 
 An iteration's shape (`IterationShape`) is what its cost depends on:
 - P, tokens processed (prefill-chunk plus decode tokens): the matmuls, with a knee at small P;
-- D, decode attention reads: decodes x the longest decode context (the runner pads decode
-  attention to the longest context in the batch);
+- D, decode attention reads: decodes x the longest decode context where decode attention is padded to
+  the longest context in the batch (`--attention gather`, CUDA), the sum of the decode contexts where
+  the paged kernel reads each request's own blocks (`padded_decode` says which);
 - R, prefill attention reads: the sum over prefill chunks of chunk length x context after the chunk;
 - K, prefill chunks after context: each runs its own attention per layer (a gather of its context, a
   masked call),
@@ -40,9 +41,10 @@ class IterationShape:
     max_decode_context: int = 0
     prefill_reads: int = 0  # R
     num_chunks: int = 0  # K: prefill chunks (steps of more than one token) that follow earlier context
+    decode_context_sum: int = 0  # the decodes' contexts added up (what the paged kernel reads)
 
     @property
-    def decode_reads(self) -> int:  # D
+    def decode_reads(self) -> int:  # D, padded
         return self.num_decodes * self.max_decode_context
 
     def add(self, num_new: int, context_after: int) -> None:
@@ -51,6 +53,7 @@ class IterationShape:
         if num_new == 1:  # the runner runs single-token steps as decodes
             self.num_decodes += 1
             self.max_decode_context = max(self.max_decode_context, context_after)
+            self.decode_context_sum += context_after
         else:
             self.prefill_reads += num_new * context_after
             if context_after > num_new:  # a chunk after context: gathered and masked (a prompt's start is not)
@@ -58,16 +61,17 @@ class IterationShape:
 
     def plus(self, num_new: int, context_after: int) -> IterationShape:
         other = IterationShape(self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads,
-                               self.num_chunks)
+                               self.num_chunks, self.decode_context_sum)
         other.add(num_new, context_after)
         return other
 
-    def features(self) -> list[float]:
-        p, d = float(self.tokens), float(self.decode_reads)
+    def features(self, padded: bool = True) -> list[float]:
+        p, d = float(self.tokens), float(self.decode_reads if padded else self.decode_context_sum)
         return [1.0, p, p * p, d, float(self.prefill_reads), p * d, float(self.num_chunks)]
 
     def to_json(self) -> list[int]:
-        return [self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads, self.num_chunks]
+        return [self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads, self.num_chunks,
+                self.decode_context_sum]
 
     @classmethod
     def from_json(cls, data: list[int]) -> IterationShape:
@@ -76,7 +80,7 @@ class IterationShape:
 
 def decode_batch(batch: int, context: int) -> IterationShape:
     """`batch` decodes, each with `context` tokens in its KV after the step."""
-    return IterationShape(batch, batch, context, 0)
+    return IterationShape(batch, batch, context, 0, 0, batch * context)
 
 
 def prefill_chunk(tokens: int, context_after: int) -> IterationShape:
@@ -89,11 +93,11 @@ class Sample:
     seconds: float
 
 
-def _fit(samples: list[Sample]) -> list[float]:
+def _fit(samples: list[Sample], padded: bool = True) -> list[float]:
     """Weighted least squares with non-negative coefficients: drop the most negative feature, refit."""
     import numpy as np
 
-    x = np.array([s.shape.features() for s in samples])
+    x = np.array([s.shape.features(padded) for s in samples])
     y = np.array([s.seconds for s in samples])
     w = 1.0 / np.maximum(y, 1e-6)
     active = list(range(len(FEATURES)))
@@ -122,6 +126,10 @@ class LatencyModel:
     # (HTTP streaming on the same cores, output handling). Corrects every prediction between refits.
     correction: float = 1.0
     drift_refits: int = 0  # refits triggered by sustained drift (the engine logs the first)
+    # Decode attention padded to the longest context (gather) or reading each request's own blocks
+    # (the paged kernel): set by the engine for its runner; the profile grid fits either way (its
+    # decode batches share one context).
+    padded_decode: bool = True
     _drifting: int = field(default=0, repr=False)  # consecutive observations off the fit by > DRIFT_RATIO
 
     def __post_init__(self) -> None:
@@ -133,7 +141,7 @@ class LatencyModel:
         return self.correction * self._fitted(shape)
 
     def _fitted(self, shape: IterationShape) -> float:
-        return max(0.0, sum(w * x for w, x in zip(self.coefficients, shape.features())))
+        return max(0.0, sum(w * x for w, x in zip(self.coefficients, shape.features(self.padded_decode))))
 
     @classmethod
     def fit(cls, samples: Iterable[Sample]) -> LatencyModel:
@@ -162,7 +170,7 @@ class LatencyModel:
         samples = self.base + list(self.recent)
         if len(samples) < 2 * len(FEATURES):
             return False
-        self.coefficients = _fit(samples)
+        self.coefficients = _fit(samples, self.padded_decode)
         # The refit has absorbed the recent costs: start the correction over from the new fit's bias.
         recent = [s for s in self.recent if self._fitted(s.shape) > 0][-64:]
         if recent:
