@@ -127,3 +127,13 @@ def test_decode_reads_follow_the_attention_path():
     model.padded_decode = False
     assert model.predict(shape) == pytest.approx(1100e-6)
     assert IterationShape.from_json(shape.to_json()) == shape
+
+
+def test_throughput_leaves_out_prefill_attention_only():
+    from conserve.sched.plan import throughput
+
+    # Decode reads still count under the paged kernel (summed contexts); only R is left out.
+    shape = IterationShape().plus(1, 100).plus(1, 1000).plus(64, 64)
+    model = LatencyModel([0.01, 0.0, 0.0, 1e-6, 1e-3])
+    model.padded_decode = False
+    assert throughput(model, shape) == pytest.approx(66 / (0.01 + 1100e-6))

@@ -5,6 +5,8 @@ The sizing questions the co-serving scheduler asks the latency model live here. 
 
 from __future__ import annotations
 
+import dataclasses
+
 from conserve.request import Request
 from conserve.sched.latency_model import IterationShape, LatencyModel
 from conserve.sched.output import ScheduledRequest, SchedulerOutput
@@ -63,8 +65,7 @@ def throughput(model: LatencyModel, shape: IterationShape) -> float:
     """Predicted tokens/s, leaving out prefill attention (R): a prompt's attention over its own tokens
     is paid however it is chunked, so counting it would make splitting prompts into many small
     chunks look cheaper now, only to pay more later (chunks after context attend through a mask)."""
-    seconds = model.predict(IterationShape(shape.tokens, shape.num_decodes, shape.max_decode_context, 0,
-                                           shape.num_chunks))
+    seconds = model.predict(dataclasses.replace(shape, prefill_reads=0))
     return shape.tokens / seconds if seconds > 0 else float("inf")
 
 
