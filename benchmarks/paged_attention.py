@@ -14,11 +14,11 @@ import argparse
 import json
 import random
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
 
+from conserve.bench.timing import call_times
 from conserve.config import EngineConfig
 from conserve.malloc_tuning import tune_malloc
 from conserve.model import paged_kernel
@@ -40,13 +40,8 @@ def batch(lengths: list[int], num_blocks: int, rng: random.Random) -> list[Simpl
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """Median milliseconds per call."""
+    return statistics.median(call_times(fn, repeats)) * 1e3
 
 
 def main() -> None:

@@ -19,20 +19,15 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
+
+from conserve.bench.timing import call_times
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 LAYERS = 30
 
 
 def fastest(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(call_times(run, repeats))
 
 
 def kernels(weight: torch.Tensor, dtype: torch.dtype) -> dict:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from conserve.bench.timing import call_times
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,7 @@ class ModelShape:
 
 
 def _best(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(call_times(fn, reps))
 
 
 def bandwidth_gbs(mib: int = 512, reps: int = 7) -> dict[str, float]:

@@ -1,10 +1,11 @@
-"""Copies KV entries between the device cache and the host tier, off the critical path.
+"""Copies KV entries between the device cache and the host tier.
 
 On CPU a job runs inline, on the engine thread, when it is submitted: a worker thread would run its
 index ops with a second OpenMP team beside the model's, and on a machine with as many cores as model
 threads both then stall at every barrier (measured: mixed online/offline steps 42 ms with a worker
-thread, 25 ms inline, for ~1 ms of copying). `background=True` (or a test's delay_s) keeps the worker
-thread, which runs the jobs in order. On CUDA each job runs on a side stream: the
+thread, 25 ms inline, for ~1 ms of copying). Tests that slow the copier down (delay_s) get a worker
+thread that runs the jobs in order, late: the asynchronous completion CUDA has. On CUDA each job runs
+off the critical path on a side stream: the
 device-side gather and the copy into pinned memory are queued behind the iteration that wrote the
 entries, an event marks completion, and the host-side scatter happens when the event has fired.
 Either way a job's blocks stay referenced (see copy_job.py) until `done` is set.
@@ -53,11 +54,11 @@ def _slots(tables: list[list[int]], spans: list[tuple[int, int]], block_size: in
 
 
 class Copier:
-    def __init__(self, device: KVCache, host: HostKVCache, delay_s: float = 0.0, background: bool = False) -> None:
+    def __init__(self, device: KVCache, host: HostKVCache, delay_s: float = 0.0) -> None:
         self.device = device
         self.host = host
-        self.delay_s = delay_s  # tests slow the copier down to catch blocks reused too early
-        self.background = background  # CPU: copy on a worker thread instead of inline
+        # Tests slow the copier down (on a worker thread) to catch blocks reused too early.
+        self.delay_s = delay_s
         self._cuda = device.k[0].is_cuda
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_cuda: list[tuple[CopyJob, torch.cuda.Event, object]] = []
@@ -70,7 +71,7 @@ class Copier:
         if self._cuda:
             self._submit_cuda(job)
             return
-        if not (self.background or self.delay_s):
+        if not self.delay_s:
             self._run_cpu(job)
             return
         self._queue.put(job)

@@ -19,6 +19,7 @@ whose attention costs far more per KV entry than a decode's. Splitting D and R: 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import deque
@@ -60,8 +61,7 @@ class IterationShape:
                 self.num_chunks += 1
 
     def plus(self, num_new: int, context_after: int) -> IterationShape:
-        other = IterationShape(self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads,
-                               self.num_chunks, self.decode_context_sum)
+        other = dataclasses.replace(self)
         other.add(num_new, context_after)
         return other
 
@@ -80,7 +80,8 @@ class IterationShape:
 
 def decode_batch(batch: int, context: int) -> IterationShape:
     """`batch` decodes, each with `context` tokens in its KV after the step."""
-    return IterationShape(batch, batch, context, 0, 0, batch * context)
+    return IterationShape(tokens=batch, num_decodes=batch, max_decode_context=context,
+                          decode_context_sum=batch * context)
 
 
 def prefill_chunk(tokens: int, context_after: int) -> IterationShape:

@@ -69,9 +69,7 @@ class Scheduler:
         self._enqueue(request)
 
     def _queue_key(self, request: Request) -> tuple[int, float, int]:
-        if not self.config.has_classes:
-            return 0, 0.0, request.arrival_seq
-        if request.is_online:
+        if not self.config.has_classes or request.is_online:
             return 0, 0.0, request.arrival_seq
         return 1, request.deadline_key, request.arrival_seq
 
