@@ -95,7 +95,7 @@ def _matmul_seconds(rates: dict[str, float], shape: ModelShape, m: int) -> float
 
 
 def floors(meas: dict, shape: ModelShape, batch: int, prompt: float, out: int,
-           single_prompt: float) -> dict:
+           single_prompt: float, long_prompts: tuple[int, int, int] = (16, 1024, 128)) -> dict:
     """Per dtype: floors for one single-stream decode step and one batch run (prefill + decode).
 
     Single stream: bytes / bandwidth (the brief's definition; GEMV rates are a library limit).
@@ -132,16 +132,34 @@ def floors(meas: dict, shape: ModelShape, batch: int, prompt: float, out: int,
             "batch_total_tok_s": round(batch * (prompt + out) / run_s(tb), 1),
             "batch_step_ms_peak": round(tp * 1e3, 2),
             "batch_gen_tok_s_peak": round(batch * out / run_s(tp), 1),
+            **_prefill_floor(shape, long_prompts, wbytes, kv_tok, attn_tok, bw, peak),
         }
+    q4 = shape.params() * 0.625 + (single_prompt + out / 2) * shape.kv_bytes_per_token(2)
+    res["q4_1"] = {"weight_mb": round(shape.params() * 0.625 / 1e6, 1),
+                   "single_ms_per_tok": round(q4 / bw * 1e3, 2), "single_tok_s": round(bw / q4, 1)}
     return res
 
 
+def _prefill_floor(shape: ModelShape, prefill: tuple[int, int, int], wbytes: float, kv_tok: float,
+                   attn_tok: float, bw: float, peak: float) -> dict:
+    n, length, out = prefill
+    flops_tok = 2 * shape.matmul_params()
+    one_prompt = (length * flops_tok + length * length / 2 * attn_tok) / peak  # causal: half the square
+    ttft = max(one_prompt, wbytes / bw)
+    ctx = length + out / 2
+    step = max((wbytes + n * ctx * kv_tok) / bw, (n * flops_tok + n * ctx * attn_tok) / peak)
+    run = max(n * one_prompt, wbytes / bw) + out * step
+    return {"prefill_ttft_ms": round(ttft * 1e3, 1), "prefill_run_s": round(run, 2),
+            "prefill_total_tok_s": round(n * (length + out) / run, 1)}
+
+
 def roofline(batch: int = 32, prompt: float = 44, out: int = 128, single_prompt: float = 59,
-             shape: ModelShape = ModelShape()) -> dict:
+             shape: ModelShape = ModelShape(), prefill: tuple[int, int, int] = (16, 1024, 128)) -> dict:
     meas = measure(batch, shape)
     return {"model": asdict(shape) | {"params": shape.params()}, "measured": meas,
-            "workload": {"batch": batch, "prompt": prompt, "out": out, "single_prompt": single_prompt},
-            "floors": floors(meas, shape, batch, prompt, out, single_prompt)}
+            "workload": {"batch": batch, "prompt": prompt, "out": out, "single_prompt": single_prompt,
+                         "prefill": list(prefill)},
+            "floors": floors(meas, shape, batch, prompt, out, single_prompt, prefill)}
 
 
 def table(r: dict) -> str:
@@ -154,6 +172,10 @@ def table(r: dict) -> str:
              "| bound | batch gen tok/s ceiling | batch total tok/s ceiling | gen tok/s ceiling at peak |",
              "|---|---|---|---|---|---|---|---|---|"]
     for dt, f in r["floors"].items():
+        if "batch_step_ms" not in f:  # q4_1: single stream only
+            lines.append(f"| {dt} | {f['weight_mb']} | {f['single_ms_per_tok']} | {f['single_tok_s']} "
+                         "| - | - | - | - | - |")
+            continue
         lines.append(f"| {dt} | {f['weight_mb']} | {f['single_ms_per_tok']} | {f['single_tok_s']} | "
                      f"{f['batch_step_ms']} | {f['batch_bound']} | {f['batch_gen_tok_s']} | "
                      f"{f['batch_total_tok_s']} | {f['batch_gen_tok_s_peak']} |")

@@ -65,6 +65,13 @@ def measure(dtype: str, model: str | None) -> dict:
     stream["prompt_tokens"] = len(out.prompt_token_ids)
     run["single"] = stream
     wl.log(f"conserve {dtype}: single {stream}")
+
+    def generate(prompts, n):
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    tok = llm.get_tokenizer()
+    run["prefill"] = wl.timed_prefill(generate, lambda text: tok.encode(text, add_special_tokens=False),
+                                      f"conserve {dtype}")
     return run
 
 

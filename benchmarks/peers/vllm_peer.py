@@ -66,6 +66,13 @@ def main() -> None:
     stream["prompt_tokens"] = len(out.prompt_token_ids)
     run["single"] = stream
     wl.log(f"vllm: single {stream}")
+
+    def generate(prompts, n):
+        sp = SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True)
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    tok = llm.get_tokenizer()
+    run["prefill"] = wl.timed_prefill(generate, lambda text: tok.encode(text, add_special_tokens=False),
+                                      "vllm")
     result["runs"].append(run)
     wl.emit(result)
 

