@@ -2,6 +2,11 @@
 
 Timings (the latency model, benchmark reports) are only comparable on the same CPU: a fit made on an
 AVX-512/bf16 machine badly mispredicts an AVX2-only one. Pure Python (reads /proc/cpuinfo).
+
+CONSERVE_CPU_ISA=avx2 makes conserve treat this CPU as AVX2-only (no AVX-512, no native bf16): the
+choices a slower machine makes (dtype `auto`, the paged kernel's build, cache keys) then run and are
+tested here too. torch's own kernels need their switches before torch is imported:
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (tests/test_isa_paths.py sets all three).
 """
 
 from __future__ import annotations
@@ -15,6 +20,16 @@ from pathlib import Path
 
 # Flags that change which kernels run and how fast, most capable first.
 _ISA_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "neon", "asimd")
+FORCED_ISA_ENV = "CONSERVE_CPU_ISA"
+_FORCED_ISAS = ("native", "avx2")
+
+
+def forced_isa() -> str:
+    """"native" (use what the CPU has) or "avx2" (pretend AVX-512 and AMX are absent)."""
+    value = os.environ.get(FORCED_ISA_ENV, "native").strip().lower() or "native"
+    if value not in _FORCED_ISAS:
+        raise ValueError(f"{FORCED_ISA_ENV}={value!r}: use one of {', '.join(_FORCED_ISAS)}")
+    return value
 
 
 @lru_cache(maxsize=1)
@@ -39,7 +54,15 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         return frozenset()
     m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.MULTILINE)
-    return frozenset(m.group(1).split()) if m else frozenset()
+    flags = frozenset(m.group(1).split()) if m else frozenset()
+    if forced_isa() == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    return flags
+
+
+def compiler_arch_flag() -> str:
+    """-march for kernels built at run time: this CPU, or the AVX2 level when that is forced."""
+    return "-march=x86-64-v3" if forced_isa() == "avx2" else "-march=native"
 
 
 def isa() -> str:
@@ -49,7 +72,8 @@ def isa() -> str:
 
 
 def machine_key() -> str:
-    """A short, file-name-safe key of CPU model and ISA: caches of timings are kept per key."""
+    """A short, file-name-safe key of CPU model and ISA: caches of timings are kept per key (a forced
+    AVX2 run has its own, since isa() leaves out what it hides)."""
     digest = hashlib.sha1(f"{cpu_model()}|{isa()}".encode()).hexdigest()[:10]
     return digest
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from conserve.errors import ModelLoadError
+from conserve.machine import cpu_flags
 from conserve.model.config import ModelConfig
 from conserve.model.gguf_loader import gguf_hf_config, iter_gguf_tensors, open_gguf
 from conserve.model.hf_loader import iter_safetensors, read_hf_config, safetensors_files
@@ -67,11 +68,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", device: str = "cpu",

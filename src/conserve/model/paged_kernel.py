@@ -5,7 +5,7 @@ torch's own choices were measured first: FlexAttention compiled for CPU with a b
 paged cache took 6-16 ms per layer for 32 decodes of 100 tokens (the gather + batched matmuls it
 would replace: ~0.3 ms), and a ragged formulation in torch ops (eager or compiled by inductor) was
 3-4x slower than the padded gather for equal lengths. So the kernel is a small C++ file compiled
-with the system compiler at first use (~5-10 s) for this very CPU (-march=native) and cached by a
+with the system compiler at first use (~5-10 s) for this very CPU (-march=native; x86-64-v3 when CONSERVE_CPU_ISA=avx2) and cached by a
 hash of its source, torch's version and the CPU; without a compiler the runner falls back to the
 padded gather (attention.py) and says so in the log.
 """
@@ -24,11 +24,17 @@ from pathlib import Path
 
 import torch
 
+from conserve.machine import compiler_arch_flag, forced_isa
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # + -march from conserve.machine
 _loaded: bool | None = None
+
+
+def _flags() -> list[str]:
+    return [*_FLAGS, compiler_arch_flag()]
 
 
 def available() -> bool:
@@ -59,12 +65,12 @@ def _cpu_signature() -> str:
     except OSError:
         return platform.processor()
     lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(lines)))
+    return "\n".join(sorted(set(lines)) + [f"forced isa: {forced_isa()}"])
 
 
 def _build(cache_dir: Path) -> Path:
     source = SOURCE.read_text()
-    key = hashlib.sha256("\n".join([source, torch.__version__, " ".join(_FLAGS), _cpu_signature()]).encode())
+    key = hashlib.sha256("\n".join([source, torch.__version__, " ".join(_flags()), _cpu_signature()]).encode())
     target = cache_dir / f"paged_attention-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
@@ -79,7 +85,7 @@ def _build(cache_dir: Path) -> Path:
     # Build beside the target and rename: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
+        cmd = [compiler, *_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
                str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}", "-o", str(out)]
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
