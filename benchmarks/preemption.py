@@ -65,7 +65,7 @@ def preemption_latency(mode: str, args) -> dict:
             stops = engine.preemption.num_preemptions
             online = any(r.is_online for r in engine.scheduler.running + engine.scheduler.waiting)
             begin = time.monotonic()
-            outputs = engine.step(seen)
+            engine.step(seen)
             steps.append((begin, time.monotonic(), engine.preemption.num_preemptions > stops, online))
 
     thread = threading.Thread(target=loop, name="engine")
