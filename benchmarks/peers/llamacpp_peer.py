@@ -56,6 +56,7 @@ def main() -> None:
     def chat_one(conv, n, on_first=None):
         """Stream one chat; returns (prompt ids, generated tokens). Each chunk is one token."""
         count = 0
+        llm.reset()  # no reuse of an earlier identical prompt's cache (the warm-up's): prefill it all
         for chunk in llm.create_chat_completion(conv, max_tokens=n, temperature=0.0, logit_bias=no_eos,
                                                 stream=True):
             if chunk["choices"][0]["delta"].get("content") is not None:

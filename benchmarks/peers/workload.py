@@ -107,10 +107,11 @@ def long_document(i: int) -> str:
     return f"Document {i}. " + " ".join(paragraphs)
 
 
-def prefill_prompts(encode, n: int, length: int) -> list[list[int]]:
-    """n token-id prompts of exactly `length` tokens; encode(text) is the peer's own tokenizer."""
+def prefill_prompts(encode, docs: range, length: int) -> list[list[int]]:
+    """Token-id prompts of exactly `length` tokens from the given documents; encode(text) is the peer's
+    own tokenizer."""
     prompts = []
-    for i in range(n):
+    for i in docs:
         ids = list(encode(long_document(i)))
         if len(ids) < length:
             raise SystemExit(f"long_document({i}) has {len(ids)} tokens, fewer than {length}")
@@ -128,17 +129,21 @@ def prefill_sizes() -> tuple[int, int, int]:
 def timed_prefill(generate, encode, label: str) -> dict:
     """The prefill-heavy workload and the TTFT of one long prompt alone (best of 3).
 
-    generate(list of token-id prompts, max_tokens) returns vLLM-shaped outputs and ignores EOS.
+    generate(list of token-id prompts, max_tokens) returns vLLM-shaped outputs and ignores EOS. The
+    warm-up and the TTFT probes use documents of their own: a prefix cache (vLLM has one) must not
+    turn a timed prefill into a cache hit.
     """
     n, length, out = prefill_sizes()
-    prompts = prefill_prompts(encode, n, length)
-    generate(prompts[:2], WARMUP_TOKENS)
+    prompts = prefill_prompts(encode, range(n), length)
+    warm, probes = prefill_prompts(encode, range(n, n + 2), length), prefill_prompts(encode, range(n + 2, n + 5),
+                                                                                      length)
+    generate(warm, WARMUP_TOKENS)
     log(f"{label}: prefill-heavy run, {n} x {length} tokens, {out} out")
     result = timed_outputs(lambda: generate(prompts, out))
     ttft = []
-    for r in range(3):
+    for probe in probes:
         t0 = time.perf_counter()
-        generate([prompts[r % n]], 1)
+        generate([probe], 1)
         ttft.append(time.perf_counter() - t0)
     result["ttft_s"] = round(min(ttft), 4)
     result["prompt_len"] = length

@@ -10,10 +10,10 @@ from conserve.bench.systems import System
 
 DEFAULT_TOKEN_BUDGETS = (128, 256, 512)
 DEFAULT_SLOWDOWNS = (1.2,)
-# the references (online-only, vllm-online-only: latency; non-preemptive: offline bound) and the
-# co-serving policies that become points
+# the references (online-only, vllm-online-only: latency; non-preemptive, vllm-non-preemptive: offline
+# bound) and the co-serving policies that become points
 SWEEP_SYSTEMS = ("online-only", "non-preemptive", "conserve", "conserve-slowdown", "sarathi", "priority",
-                 "vllm-online-only", "vllm-priority")
+                 "vllm-online-only", "vllm-non-preemptive", "vllm-priority")
 # system -> (server flag, short name used in the variant's name)
 KNOBS = {"conserve": ("--slo-tbt-ms", "tbt"), "sarathi": ("--token-budget", "budget"),
          "conserve-slowdown": ("--max-online-slowdown", "x")}

@@ -132,6 +132,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     _conserve("layer-restart", "ablation: stopped offline iterations computed again, not resumed",
               "--preemption", "layer-restart"),
     System("vllm-online-only", "vLLM CPU, default policy, no offline load", vllm_launch, offline=False),
+    System("vllm-non-preemptive", "vLLM CPU, default policy (FCFS) + offline load: vLLM's offline bound",
+           vllm_launch, offline_service_tier=False),
     System("vllm-priority", f"vLLM CPU, priority policy, offline requests priority {VLLM_PRIORITY_OFFLINE}",
            vllm_launch, ("--scheduling-policy", "priority"), offline_service_tier=False,
            offline_extra_body={"priority": VLLM_PRIORITY_OFFLINE}),

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -42,6 +43,38 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
 }
 
+// exp(x) for x <= 0 (scores minus their running max) in plain arithmetic, so a `#pragma omp simd`
+// loop over a block's scores vectorises (std::exp is a scalar call). 2^(x log2 e): the integer part
+// goes into the exponent bits, the fraction through a degree-5 polynomial fitted to 2^f on [0, 1)
+// (relative error < 1e-7, below float32 rounding).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
+  const float whole = std::floor(t);
+  const float f = t - whole;
+  float p = 0.0018762329f;
+  p = p * f + 0.0089925840f;
+  p = p * f + 0.0558236045f;
+  p = p * f + 0.2401545299f;
+  p = p * f + 0.6931529682f;
+  p = p * f + 0.9999999269f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(whole) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// The block's rows as float32: widened once per block (not once per query head that reads them);
+// float caches are used in place.
+template <typename T>
+inline const float* block_as_float(const T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    to_float(src, buffer, n);
+    return buffer;
+  }
+}
+
 // HEAD_DIM > 0 fixes the head size at compile time (fully unrolled vector loops); 0 reads it from d.
 template <typename T, int HEAD_DIM>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* seq_ids,
@@ -50,8 +83,8 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int32_t* table
   const int64_t d = HEAD_DIM > 0 ? HEAD_DIM : d_any;
   const int64_t group = heads / kv_heads;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), row(d), scores(group * block_size);
-    std::vector<float> run_max(group), run_sum(group);
+    std::vector<float> qf(group * d), acc(group * d), kbuf(block_size * d), vbuf(block_size * d);
+    std::vector<float> scores(group * block_size), run_max(group), run_sum(group);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t r = unit / kv_heads, h = unit % kv_heads;
       const T* qr = q + (r * heads + h * group) * d;
@@ -66,42 +99,45 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int32_t* table
       const T* v_head = v_cache + h * slots * d;
       for (int64_t start = 0; start < n; start += block_size) {
         const int64_t count = std::min(block_size, n - start);
+        // A block's slots are consecutive: its K (and V) rows are one contiguous [count, d] run.
         const int64_t base = static_cast<int64_t>(table[start / block_size]) * block_size * d;
-        for (int64_t j = 0; j < count; ++j) {
-          const T* kr = k_head + base + j * d;
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * d;
+        const float* kb = block_as_float(k_head + base, kbuf.data(), count * d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * d;
+          float* s = scores.data() + g * block_size;
+          for (int64_t j = 0; j < count; ++j) {
+            const float* kr = kb + j * d;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < d; ++i) dot += qg[i] * widen(kr[i]);
-            scores[g * block_size + j] = dot;
+            for (int64_t i = 0; i < d; ++i) dot += qg[i] * kr[i];
+            s[j] = dot;
           }
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          float* s = scores.data() + g * block_size;
-          float block_max = *std::max_element(s, s + count);
+          const float block_max = *std::max_element(s, s + count);
           const float new_max = std::max(run_max[g], block_max);
           const float rescale = std::exp(run_max[g] - new_max);  // 0 on the first block (max was -inf)
           float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j < count; ++j) {
-            s[j] = std::exp(s[j] - new_max);
+            s[j] = exp_nonpositive(s[j] - new_max);
             sum += s[j];
           }
           run_sum[g] = run_sum[g] * rescale + sum;
           run_max[g] = new_max;
-          float* a = acc.data() + g * d;
           if (rescale != 1.f) {
+            float* a = acc.data() + g * d;
 #pragma omp simd
             for (int64_t i = 0; i < d; ++i) a[i] *= rescale;
           }
         }
-        for (int64_t j = 0; j < count; ++j) {
-          to_float(v_head + base + j * d, row.data(), d);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * block_size + j];
-            float* a = acc.data() + g * d;
+        const float* vb = block_as_float(v_head + base, vbuf.data(), count * d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* s = scores.data() + g * block_size;
+          float* a = acc.data() + g * d;
+          for (int64_t j = 0; j < count; ++j) {
+            const float p = s[j];
+            const float* vr = vb + j * d;
 #pragma omp simd
-            for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
+            for (int64_t i = 0; i < d; ++i) a[i] += p * vr[i];
           }
         }
       }
