@@ -32,6 +32,7 @@ def _metrics_decode(out, n: int) -> tuple[float, float] | None:
 
 def measure(dtype: str, model: str | None) -> dict:
     from conserve import LLM, SamplingParams
+    from conserve.request import RequestClass
 
     n_req, n_out = wl.num_requests(), wl.output_tokens()
     run = {"dtype": dtype}
@@ -43,8 +44,10 @@ def measure(dtype: str, model: str | None) -> dict:
     convs = wl.conversations(n_req)
     params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=wl.WARMUP_TOKENS, ignore_eos=True)
-    run["batch"] = wl.timed_batch(lambda c, w: llm.chat(c, warm if w else params, use_tqdm=False), convs,
-                                  f"conserve {dtype}")
+    # Batch work is offline work in conserve (what a batch job or flex request is); a lone chat is online.
+    offline = RequestClass.OFFLINE
+    run["batch"] = wl.timed_batch(lambda c, w: llm.chat(c, warm if w else params, use_tqdm=False,
+                                                        request_class=offline), convs, f"conserve {dtype}")
 
     one = [wl.single_stream_conversation()]
     llm.chat(one, warm, use_tqdm=False)
@@ -66,12 +69,14 @@ def measure(dtype: str, model: str | None) -> dict:
     run["single"] = stream
     wl.log(f"conserve {dtype}: single {stream}")
 
-    def generate(prompts, n):
+    def generate(prompts, n, request_class=offline):
         sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
+                            request_class=request_class)
     tok = llm.get_tokenizer()
     run["prefill"] = wl.timed_prefill(generate, lambda text: tok.encode(text, add_special_tokens=False),
-                                      f"conserve {dtype}")
+                                      f"conserve {dtype}",
+                                      first_token=lambda p: generate([p], 1, RequestClass.ONLINE))
     return run
 
 

@@ -126,10 +126,11 @@ def prefill_sizes() -> tuple[int, int, int]:
             env_int("BENCH_PREFILL_OUTPUT_TOKENS", PREFILL_OUTPUT_TOKENS))
 
 
-def timed_prefill(generate, encode, label: str) -> dict:
+def timed_prefill(generate, encode, label: str, first_token=None) -> dict:
     """The prefill-heavy workload and the TTFT of one long prompt alone (best of 3).
 
-    generate(list of token-id prompts, max_tokens) returns vLLM-shaped outputs and ignores EOS. The
+    generate(list of token-id prompts, max_tokens) returns vLLM-shaped outputs and ignores EOS;
+    first_token(prompt) runs one prompt for one token (default: through generate). The
     warm-up and the TTFT probes use documents of their own: a prefix cache (vLLM has one) must not
     turn a timed prefill into a cache hit.
     """
@@ -140,10 +141,11 @@ def timed_prefill(generate, encode, label: str) -> dict:
     generate(warm, WARMUP_TOKENS)
     log(f"{label}: prefill-heavy run, {n} x {length} tokens, {out} out")
     result = timed_outputs(lambda: generate(prompts, out))
+    first_token = first_token or (lambda prompt: generate([prompt], 1))
     ttft = []
     for probe in probes:
         t0 = time.perf_counter()
-        generate([probe], 1)
+        first_token(probe)
         ttft.append(time.perf_counter() - t0)
     result["ttft_s"] = round(min(ttft), 4)
     result["prompt_len"] = length
