@@ -142,7 +142,7 @@ def _ctx(tmp_path, **kw) -> LaunchContext:
 
 def test_system_selection():
     assert [s.name for s in select_systems(None)] == list(SYSTEMS)
-    assert list(SYSTEMS)[:3] == ["online-only", "non-preemptive", "conserve"] and len(SYSTEMS) == 12
+    assert list(SYSTEMS)[:3] == ["online-only", "non-preemptive", "conserve"] and len(SYSTEMS) == 13
     assert [s.name for s in select_systems("conserve, online-only,conserve")] == ["conserve", "online-only"]
     with pytest.raises(ValueError, match="unknown system.*nope"):
         select_systems("conserve,nope")
@@ -488,7 +488,7 @@ def test_sweep_variants_and_their_flags(tmp_path):
     expanded = expand_sweep(select_systems(",".join(SWEEP_SYSTEMS)), [50.0, 62.5], [128])
     assert [s.name for s in expanded] == ["online-only", "non-preemptive", "conserve-tbt50", "conserve-tbt62.5",
                                           "conserve-slowdown-x1.2", "sarathi-budget128", "priority",
-                                          "vllm-online-only", "vllm-priority"]
+                                          "vllm-online-only", "vllm-non-preemptive", "vllm-priority"]
     tbt = expanded[3]
     assert (tbt.family_name, tbt.knob) == ("conserve", "--slo-tbt-ms 62.5")
     assert conserve_launch(tbt, _ctx(tmp_path)).argv[10:] == ["--slo-tbt-ms", "62.5"]
