@@ -114,6 +114,16 @@ def main() -> None:
         cells = [f"{r[w]['tok_s']} ({r[w]['tok_s'] / best[w]:.2f}x) of {r[w]['all_tok_s']}" for w in loads]
         print(f"| {name} | {' | '.join(cells)} |")
     report["best_fixed_tok_s"] = best
+    # The VM's speed drifts over minutes (whole rounds run 10-20% slower): conserve against the best
+    # fixed budget of its own round cancels that; the median of those ratios is the steadier figure.
+    fixed = [n for n in report["runs"] if n.startswith("priority")]
+    if "conserve (default)" in report["runs"] and fixed:
+        paired = {w: [round(c[w]["tok_s"] / max(report["runs"][n][i][w]["tok_s"] for n in fixed), 3)
+                      for i, c in enumerate(report["runs"]["conserve (default)"])] for w in loads}
+        report["conserve_vs_round_best"] = {w: {"median": statistics.median(v), "rounds": v}
+                                            for w, v in paired.items()}
+        print("conserve / best fixed budget of the same round: " + "; ".join(
+            f"{w} median {statistics.median(v):.2f}x of {v}" for w, v in paired.items()))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output}")

@@ -19,7 +19,6 @@ whose attention costs far more per KV entry than a decode's. Splitting D and R: 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections import deque
@@ -61,7 +60,10 @@ class IterationShape:
                 self.num_chunks += 1
 
     def plus(self, num_new: int, context_after: int) -> IterationShape:
-        other = dataclasses.replace(self)
+        # The scheduler asks this a few times per request per iteration: a plain copy, not
+        # dataclasses.replace (~10x slower), keeps planning 64 decodes well under a millisecond.
+        other = IterationShape(self.tokens, self.num_decodes, self.max_decode_context, self.prefill_reads,
+                               self.num_chunks, self.decode_context_sum)
         other.add(num_new, context_after)
         return other
 

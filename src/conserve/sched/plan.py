@@ -52,7 +52,7 @@ def largest_fitting(model: LatencyModel, shape: IterationShape, start: int, rema
 
     if remaining <= 0 or not fits(1):
         return 0
-    if fits(remaining):
+    if remaining == 1 or fits(remaining):
         return remaining
     lo, hi = 1, remaining  # fits(lo) and not fits(hi); predictions grow with n (coefficients >= 0)
     while hi - lo > 1:

@@ -223,6 +223,8 @@ class Scheduler:
         largest = largest_fitting(model, plan.shape, start, remaining, limit)
         if plan.shape.tokens == 0 and largest == 0:
             return min(remaining, config.min_chunk)  # an iteration always makes progress
+        if is_decode:
+            return largest  # one more row of a batch raises its throughput whenever it fits
         n = best_throughput_chunk(model, plan.shape, start, largest)
         if start == 0 and n < request.num_tokens and plan.shape.tokens:
             # Splitting a fresh prompt where the bound falls makes its tail attend through a mask
