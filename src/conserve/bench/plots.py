@@ -128,7 +128,7 @@ def tradeoff(plt, points: Sequence[TradeoffPoint], path: str, latency_limit: flo
     ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel("online P99 ratio: max(TTFT, ITL) over the no-offline-load reference's (lower is better)")
-    ax.set_ylabel("offline throughput / non-preemptive's (higher is better)")
+    ax.set_ylabel("offline throughput / its engine's non-preemptive run's (higher is better)")
     ax.set_title("Co-serving trade-off: knob values annotated, goal top left of the dashed lines")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
