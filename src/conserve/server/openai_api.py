@@ -25,10 +25,8 @@ from conserve.sched.latency_model import prefill_seconds
 from conserve.server.admission import Admission, AdmissionLimits, Rejected, Ticket
 from conserve.server.errors import APIError, error_body, validation_message, validation_param
 from conserve.server.metrics import Metrics
-from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from conserve.server.protocol import CHAT, COMPLETIONS, ChatCompletionRequest, CompletionRequest
 from conserve.server.template_sandbox import TemplateSandbox
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 @dataclass

@@ -1,0 +1,205 @@
+"""The ingress's side of the replicas: polls their stats into the Router, sends requests and batch lines
+where it says, and turns a lost replica into an answer the caller can act on.
+
+Replicas are reached through clients with the EngineReplica methods (RayReplica over Ray Serve handles;
+plain objects in tests) that raise ReplicaLost when the replica is gone. A batch line is leased to one
+replica while it runs there; if the replica dies under it (or its engine fails), the lease ends with
+ReplicaLost, an EngineUnavailable, so the batch runner's EngineRetry runs the line again, and the router
+sends it to another replica. The line's answer is committed once, by the batch runner (server/batches.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from conserve.cluster.metrics import ClusterMetrics
+from conserve.cluster.router import Router
+from conserve.cluster.stats import ReplicaStats
+from conserve.cluster.wire import EngineFault, Head
+from conserve.errors import EngineUnavailable
+from conserve.request import RequestClass
+from conserve.server.errors import APIError
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often each replica is asked for its stats
+POLL_TIMEOUT_S = 5.0  # a replica that does not answer within this is taken as down until it does
+
+
+class ReplicaLost(EngineUnavailable):
+    """The replica's process died under a call, or its engine failed under it."""
+
+
+class ReplicaClient(Protocol):
+    def request(self, endpoint: str, body: dict) -> AsyncIterator[Head | str]: ...
+    async def execute(self, endpoint: str, body: dict, deadline: float | None) -> tuple[int, dict] | EngineFault: ...
+    async def stats(self) -> ReplicaStats: ...
+    async def metrics_text(self) -> bytes: ...
+
+
+class Dispatcher:
+    def __init__(self, replicas: dict[str, ReplicaClient], metrics: ClusterMetrics, max_waiting_flex: int = 0,
+                 poll_s: float = POLL_S, poll_timeout_s: float = POLL_TIMEOUT_S) -> None:
+        """max_waiting_flex: flex requests that may wait here for a replica with room for offline work
+        (beyond it: 429; 0: no limit)."""
+        self.replicas = replicas
+        self.router = Router(list(replicas))
+        self.metrics = metrics
+        self.max_waiting_flex = max_waiting_flex
+        self.poll_s, self.poll_timeout_s = poll_s, poll_timeout_s
+        self._flex_waiting = 0
+        self._changed: asyncio.Event | None = None
+        self._pollers: list[asyncio.Task] = []
+
+    # -- stats ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._changed = asyncio.Event()
+        self._pollers = [asyncio.create_task(self._poll(name), name=f"stats of {name}") for name in self.replicas]
+
+    async def close(self) -> None:
+        for task in self._pollers:
+            task.cancel()
+        await asyncio.gather(*self._pollers, return_exceptions=True)
+
+    async def _poll(self, name: str) -> None:
+        while True:
+            asked = time.monotonic()
+            try:
+                stats = await asyncio.wait_for(self.replicas[name].stats(), self.poll_timeout_s)
+            except (ReplicaLost, asyncio.TimeoutError) as e:
+                if self.router.is_up(name):
+                    log.warning("replica %s is down (%s)", name, type(e).__name__)
+                self.router.lost(name)
+            else:
+                if self.router.report(stats, asked):
+                    log.warning("replica %s was restarted (pid %d on %s)", name, stats.pid, stats.node)
+                    self.metrics.restarts.labels(name).inc()
+            self.metrics.observe(self.router, name)
+            self._notify()
+            await asyncio.sleep(self.poll_s)
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def _offline_replica(self) -> str:
+        """The replica offline work goes to now; waits while none can take it."""
+        held = False
+        while True:
+            name = self.router.choose_offline()
+            if name is not None:
+                return name
+            if not held:
+                held = True
+                self.metrics.offline_held.inc()
+            await self._changed.wait()
+
+    def _lost(self, name: str, e: BaseException) -> None:
+        log.warning("replica %s lost under a call: %s", name, e)
+        self.router.lost(name)
+        self.metrics.lost.labels(name).inc()
+        self.metrics.observe(self.router, name)
+
+    # -- HTTP requests -------------------------------------------------------------------------------
+    async def open(self, endpoint: str, body: dict, request_class: RequestClass,
+                   prompt_tokens: int) -> tuple[str, Head, AsyncIterator[str]]:
+        """Send a request where the router says: (replica, its Head, the SSE lines that follow). Raises
+        APIError 503 when no replica can take it or the chosen one is lost before answering."""
+        if not self.router.any_up():
+            raise APIError(503, "no engine replica is up; retry later", code="no_replica_available",
+                           headers={"Retry-After": "1"})
+        online = request_class is RequestClass.ONLINE
+        if online:
+            name = self.router.choose_online(prompt_tokens)
+            predicted = self.router.predicted_ttft(name, prompt_tokens)
+            if predicted is not None:
+                self.metrics.predicted_ttft.labels(name).observe(predicted)
+            self.router.sent_online(name, prompt_tokens)
+        else:
+            name = await self._wait_for_flex_replica()
+            self.router.sent_offline(name)
+        self.metrics.routed.labels(name, request_class.value, "http").inc()
+        answer = self.replicas[name].request(endpoint, body)
+        try:
+            head = await anext(answer)
+        except BaseException as e:
+            if not online:
+                self.router.offline_done(name)
+            await answer.aclose()
+            if isinstance(e, ReplicaLost):
+                self._lost(name, e)
+                raise replica_lost_error(name) from None
+            raise
+        return name, head, self._rest(name, answer, online)
+
+    async def _wait_for_flex_replica(self) -> str:
+        if self.max_waiting_flex and self._flex_waiting >= self.max_waiting_flex:
+            raise APIError(429, f"too many flex requests waiting for room on a replica ({self._flex_waiting}, "
+                           f"limit {self.max_waiting_flex}); retry later", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self._flex_waiting += 1
+        try:
+            return await self._offline_replica()
+        finally:
+            self._flex_waiting -= 1
+
+    async def _rest(self, name: str, answer: AsyncIterator[Head | str], online: bool) -> AsyncIterator[str]:
+        """The SSE lines after the Head; ReplicaLost when the replica dies mid-stream."""
+        try:
+            async for line in answer:
+                yield line
+        except ReplicaLost as e:
+            self._lost(name, e)
+            raise
+        finally:
+            if not online:
+                self.router.offline_done(name)
+            await answer.aclose()
+
+    # -- batch lines ---------------------------------------------------------------------------------
+    async def execute_line(self, endpoint: str, body: dict, deadline: float | None) -> tuple[int, dict]:
+        """The batch runner's `execute`: lease the line to the replica with the most harvestable capacity.
+        Raises ReplicaLost when the lease ends without an answer (the runner runs the line again)."""
+        name = await self._offline_replica()
+        self.router.sent_offline(name)
+        self.metrics.routed.labels(name, RequestClass.OFFLINE.value, "batch_line").inc()
+        self.metrics.leased.labels(name).inc()
+        try:
+            answer = await self.replicas[name].execute(endpoint, body, deadline)
+            if isinstance(answer, EngineFault):
+                raise ReplicaLost(f"the engine of replica {name} failed under the line: {answer.message}")
+        except ReplicaLost as e:
+            self._lost(name, e)
+            self.metrics.released.labels(name).inc()
+            raise
+        finally:
+            self.router.offline_done(name)
+            self.metrics.leased.labels(name).dec()
+        return answer
+
+    def harvest_capacity(self) -> float | None:
+        return self.router.harvest_capacity()
+
+    # -- for /metrics --------------------------------------------------------------------------------
+    async def replica_metrics(self) -> dict[str, bytes]:
+        """Each up replica's own Prometheus text (the ones that do not answer in time are left out)."""
+        async def one(name: str) -> bytes | None:
+            with contextlib.suppress(ReplicaLost, asyncio.TimeoutError):
+                return await asyncio.wait_for(self.replicas[name].metrics_text(), self.poll_timeout_s)
+            return None
+
+        names = [n for n in self.replicas if self.router.is_up(n)]
+        texts = await asyncio.gather(*(one(n) for n in names))
+        return {n: t for n, t in zip(names, texts) if t is not None}
+
+
+def replica_lost_error(name: str) -> APIError:
+    """The answer to a request whose replica died under it (in-band when its stream had begun)."""
+    return APIError(503, f"the engine replica serving this request ({name}) failed; retry (other replicas "
+                    "take new requests)", code="replica_lost", headers={"Retry-After": "1"})
