@@ -34,6 +34,7 @@ MAX_ONGOING = 100_000  # Ray Serve's per-replica cap; each replica has its own a
 # replaced; generous timeouts, as a busy 2-core machine can stall a check for seconds.
 HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S = 5.0, 60.0
 MAX_CONSTRUCTOR_RETRIES = 3  # a replica that cannot load its model fails the deployment soon, not after 20 loads
+QUIET = {"enable_access_log": False}  # no log line per call: the ingress polls each replica 5 times a second
 _LOST = (RayError, RayServeException)  # a call's replica died, or Serve could not reach it
 
 
@@ -97,11 +98,11 @@ def build_application(cluster: ClusterConfig, server: ServerConfig, config: Engi
                               ray_actor_options={"num_cpus": threads, "num_gpus": gpus},
                               health_check_period_s=HEALTH_CHECK_PERIOD_S,
                               health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-                              max_constructor_retry_count=MAX_CONSTRUCTOR_RETRIES)
+                              max_constructor_retry_count=MAX_CONSTRUCTOR_RETRIES, logging_config=QUIET)
     names = [f"engine-{i}" for i in range(cluster.replicas)]
     replicas = {n: engine.options(name=n).bind(n, config, server, threads) for n in names}
     ingress = serve.deployment(Ingress, name="ingress", num_replicas=1, max_ongoing_requests=MAX_ONGOING,
-                               ray_actor_options={"num_cpus": 0, "resources": HEAD_NODE})
+                               ray_actor_options={"num_cpus": 0, "resources": HEAD_NODE}, logging_config=QUIET)
     return ingress.bind(server, replicas)
 
 

@@ -52,7 +52,10 @@ class EngineReplica:
             self.report.update(engine)
 
         self.engine = engine_under_supervisor(config, server, on_step)
-        loaded_name = self.engine.start().loaded.name  # no reference to the engine kept: restarts free it
+        engine = self.engine.start()
+        self.report.update(engine)  # the first report, before any step (it is idle: safe off its thread)
+        loaded_name = engine.loaded.name
+        del engine  # no reference kept: restarts free it
         self.model_name = server.served_model_name or loaded_name
         self.serving = OpenAIServing(self.engine, self.model_name, self.metrics, server.trust_request_chat_template,
                                      server.request_chat_template_timeout, admission_limits(server, config))
