@@ -15,9 +15,9 @@ class ClusterConfig:
                          "OpenAI-compatible ingress that routes online requests to the lowest predicted TTFT and "
                          "offline work to the most harvestable capacity (needs `pip install \"conserve[ray]\"`); "
                          "1: the single-process server", group="cluster", metavar="N")
-    ray_address: str | None = flag(None, "deploy on this Ray cluster (`auto`, `HOST:6379`, `ray://HOST:10001`), "
-                                   "even with one replica; `local` starts a fresh local Ray instance. Unset: "
-                                   "`--replicas` above 1 starts a local one", group="cluster", type=str,
+    ray_address: str | None = flag(None, "deploy on this Ray cluster (`auto`, `HOST:6379`), even with one replica "
+                                   "(where Ray Serve already runs, its HTTP host and port stay); `local` starts a "
+                                   "fresh local Ray instance. Unset: `--replicas` above 1 starts a local one", group="cluster", type=str,
                                    metavar="ADDR")
     replica_threads: int | None = flag(None, "torch CPU threads of each replica (and the CPUs Ray reserves for "
                                        "it)", group="cluster", type=int, metavar="T",

@@ -55,6 +55,7 @@ class Dispatcher:
         self._flex_waiting = 0
         self._changed: asyncio.Event | None = None
         self._pollers: list[asyncio.Task] = []
+        self._closed = False
 
     # -- stats ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -62,12 +63,13 @@ class Dispatcher:
         self._pollers = [asyncio.create_task(self._poll(name), name=f"stats of {name}") for name in self.replicas]
 
     async def close(self) -> None:
+        self._closed = True  # wait_for may swallow a cancel that lands as its call completes (Python < 3.12)
         for task in self._pollers:
             task.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
 
     async def _poll(self, name: str) -> None:
-        while True:
+        while not self._closed:
             asked = time.monotonic()
             try:
                 stats = await asyncio.wait_for(self.replicas[name].stats(), self.poll_timeout_s)
@@ -107,10 +109,9 @@ class Dispatcher:
         self.metrics.observe(self.router, name)
 
     # -- HTTP requests -------------------------------------------------------------------------------
-    async def open(self, endpoint: str, body: dict, request_class: RequestClass,
-                   prompt_tokens: int) -> tuple[str, Head, AsyncIterator[str]]:
-        """Send a request where the router says: (replica, its Head, the SSE lines that follow). Raises
-        APIError 503 when no replica can take it or the chosen one is lost before answering."""
+    async def open(self, endpoint: str, body: dict, request_class: RequestClass, prompt_tokens: int) -> Answer:
+        """Send a request where the router says; returns once its Head is in. Raises APIError 503 when no
+        replica can take it or the chosen one is lost before answering (429: too many flex waiting)."""
         if not self.router.any_up():
             raise APIError(503, "no engine replica is up; retry later", code="no_replica_available",
                            headers={"Retry-After": "1"})
@@ -125,18 +126,16 @@ class Dispatcher:
             name = await self._wait_for_flex_replica()
             self.router.sent_offline(name)
         self.metrics.routed.labels(name, request_class.value, "http").inc()
-        answer = self.replicas[name].request(endpoint, body)
+        answer = Answer(self, name, self.replicas[name].request(endpoint, body), offline=not online)
         try:
-            head = await anext(answer)
+            answer.head = await anext(answer.items)
         except BaseException as e:
-            if not online:
-                self.router.offline_done(name)
-            await answer.aclose()
+            await answer.close()
             if isinstance(e, ReplicaLost):
                 self._lost(name, e)
                 raise replica_lost_error(name) from None
             raise
-        return name, head, self._rest(name, answer, online)
+        return answer
 
     async def _wait_for_flex_replica(self) -> str:
         if self.max_waiting_flex and self._flex_waiting >= self.max_waiting_flex:
@@ -148,19 +147,6 @@ class Dispatcher:
             return await self._offline_replica()
         finally:
             self._flex_waiting -= 1
-
-    async def _rest(self, name: str, answer: AsyncIterator[Head | str], online: bool) -> AsyncIterator[str]:
-        """The SSE lines after the Head; ReplicaLost when the replica dies mid-stream."""
-        try:
-            async for line in answer:
-                yield line
-        except ReplicaLost as e:
-            self._lost(name, e)
-            raise
-        finally:
-            if not online:
-                self.router.offline_done(name)
-            await answer.aclose()
 
     # -- batch lines ---------------------------------------------------------------------------------
     async def execute_line(self, endpoint: str, body: dict, deadline: float | None) -> tuple[int, dict]:
@@ -197,6 +183,35 @@ class Dispatcher:
         names = [n for n in self.replicas if self.router.is_up(n)]
         texts = await asyncio.gather(*(one(n) for n in names))
         return {n: t for n, t in zip(names, texts) if t is not None}
+
+
+class Answer:
+    """A request's answer from its replica: the Head, then (when it streams) lines(). close() ends the
+    call (at the replica too, if it is still running) and its place in the router's offline count; it
+    must be called however the answer ends, even when lines() never started (a client gone at once)."""
+
+    def __init__(self, dispatcher: Dispatcher, replica: str, items: AsyncIterator[Head | str], offline: bool) -> None:
+        self.replica, self.items, self.head = replica, items, None
+        self._dispatcher, self._offline, self._closed = dispatcher, offline, False
+
+    async def lines(self) -> AsyncIterator[str]:
+        """The SSE lines after the Head; raises ReplicaLost when the replica dies mid-stream."""
+        try:
+            async for line in self.items:
+                yield line
+        except ReplicaLost as e:
+            self._dispatcher._lost(self.replica, e)
+            raise
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._offline:
+            self._dispatcher.router.offline_done(self.replica)
+        await self.items.aclose()
 
 
 def replica_lost_error(name: str) -> APIError:

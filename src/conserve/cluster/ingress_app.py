@@ -13,8 +13,9 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
-from conserve.cluster.dispatch import Dispatcher, ReplicaLost, replica_lost_error
+from conserve.cluster.dispatch import Answer, Dispatcher, ReplicaLost, replica_lost_error
 from conserve.cluster.metrics import ClusterMetrics
 from conserve.server.batch_estimate import rough_cost
 from conserve.server.batch_retry import EngineRetry
@@ -54,13 +55,17 @@ def build_ingress_app(dispatcher: Dispatcher, store: Store, server: ServerConfig
 
     async def forward(endpoint: str, req: ChatCompletionRequest | CompletionRequest, raw: Request):
         body = await raw.json()
-        name, head, lines = await dispatcher.open(endpoint, body, req.request_class, rough_cost(endpoint, body)[0])
-        headers = {**(head.headers or {}), REPLICA_HEADER: name}
+        answer = await dispatcher.open(endpoint, body, req.request_class, rough_cost(endpoint, body)[0])
+        head = answer.head
+        headers = {**(head.headers or {}), REPLICA_HEADER: answer.replica}
         if head.status >= 400:
             metrics.http_errors.labels(str(head.status)).inc()
         if not head.streams:
+            await answer.close()
             return JSONResponse(head.body, status_code=head.status, headers=headers)
-        return StreamingResponse(_relay(name, lines), media_type="text/event-stream", headers=headers)
+        # The background task runs once the response ends, a client gone before the first line included.
+        return StreamingResponse(_relay(answer), media_type="text/event-stream", headers=headers,
+                                 background=BackgroundTask(answer.close))
 
     @app.post(CHAT)
     async def chat(body: ChatCompletionRequest, raw: Request):
@@ -106,12 +111,12 @@ def build_ingress_app(dispatcher: Dispatcher, store: Store, server: ServerConfig
     return app
 
 
-async def _relay(name: str, lines):
+async def _relay(answer: Answer):
     try:
-        async for line in lines:
+        async for line in answer.lines():
             yield line
     except ReplicaLost:  # headers are gone: report it in-band, as OpenAI does
-        e = replica_lost_error(name)
+        e = replica_lost_error(answer.replica)
         yield f"data: {json.dumps(error_body(e.status, e.message, e.param, e.code))}\n\n"
         yield "data: [DONE]\n\n"
 
