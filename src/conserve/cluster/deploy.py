@@ -12,6 +12,7 @@ same application (launch.py).
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -80,7 +81,7 @@ class RayReplica:
 class Ingress:
     async def __init__(self, server: ServerConfig, replicas: dict[str, DeploymentHandle]) -> None:
         clients = {name: RayReplica(handle, name) for name, handle in replicas.items()}
-        info = await next(iter(clients.values())).info()  # waits for that replica's model to load
+        info = await _first_info(list(clients.values()))
         metrics = ClusterMetrics()
         dispatcher = Dispatcher(clients, metrics, max_waiting_flex=server.flex_waiting_limit)
         self._app = build_ingress_app(dispatcher, Store(server.data_dir), server,
@@ -88,6 +89,22 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return self._app
+
+
+async def _first_info(clients: list[RayReplica]) -> dict:
+    """The model's name and length from whichever replica answers first (each waits for its model to
+    load; one may be down while the ingress restarts)."""
+    pending = {asyncio.ensure_future(c.info()) for c in clients}
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is None:
+                    return task.result()
+        raise RuntimeError(f"no replica could be asked for the model: {next(iter(done)).exception()}")
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 def build_application(cluster: ClusterConfig, server: ServerConfig, config: EngineConfig) -> serve.Application:
@@ -111,9 +128,14 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ClusterConfig, ServerCo
 
 
 def app(args: dict[str, str]) -> serve.Application:
-    """The builder `serve run conserve.deploy:app` calls with its key=value arguments: the `conserve serve`
-    flags without dashes (`replicas=2 slo-tbt-ms=50 batch-deadlines=false`). --host and --port are
-    Ray Serve's HTTP options there, not these."""
+    """The builder `serve run conserve.deploy:app` calls with its key=value arguments."""
+    return build_application(*configs_from_serve_args(args))
+
+
+def configs_from_serve_args(args: dict[str, str]) -> tuple[ClusterConfig, ServerConfig, EngineConfig]:
+    """`serve run` key=value arguments as the `conserve serve` flags they name, without dashes
+    (`replicas=2 slo-tbt-ms=50 batch-deadlines=false`). --host and --port are Ray Serve's HTTP options
+    there, not these."""
     from conserve.server.serve import add_serve_flags
 
     parser = argparse.ArgumentParser(prog="serve run conserve.deploy:app", exit_on_error=False)
@@ -125,7 +147,13 @@ def app(args: dict[str, str]) -> serve.Application:
             argv.append(flag if str(value).lower() in ("true", "on", "yes", "1") else "--no-" + flag[2:])
         else:
             argv += [flag, str(value)]
-    return build_application(*configs_from_args(parser.parse_args(argv)))
+    try:
+        parsed, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(f"conserve.deploy:app: {e}") from None
+    if unknown:
+        raise ValueError(f"conserve.deploy:app: unknown argument(s) {' '.join(unknown)} (the conserve serve flags)")
+    return configs_from_args(parsed)
 
 
 def _is_switch(parser: argparse.ArgumentParser, flag: str) -> bool:

@@ -90,10 +90,14 @@ def build_ingress_app(dispatcher: Dispatcher, store: Store, server: ServerConfig
 
     @app.get("/health")
     async def health():
-        up = sum(dispatcher.router.is_up(n) for n in dispatcher.router.names)
+        """503 until every replica has reported once (starting), then 200 while any replica is up."""
+        router = dispatcher.router
+        up, total = sum(router.is_up(n) for n in router.names), len(router.names)
+        if not all(router.stats(n) is not None for n in router.names):
+            return error_response(503, f"starting: {up} of {total} engine replicas up", headers={"Retry-After": "1"})
         if not up:
             return error_response(503, "no engine replica is up", headers={"Retry-After": "1"})
-        return {"status": "ok", "replicas_up": up, "replicas": len(dispatcher.router.names)}
+        return {"status": "ok", "replicas_up": up, "replicas": total}
 
     @app.get("/replicas")
     async def replicas():
