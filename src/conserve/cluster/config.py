@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
-from conserve.flags import add_flags, flag, from_flags
+from conserve.flags import Flagged, flag
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Flagged):
+    FLAG_GROUPS: ClassVar[dict[str, str]] = {"cluster": "replicas on Ray Serve"}
+
     replicas: int = flag(1, "engine replicas. More than 1 runs each as a Ray Serve deployment behind one "
                          "OpenAI-compatible ingress that routes online requests to the lowest predicted TTFT and "
                          "offline work to the most harvestable capacity (needs `pip install \"conserve[ray]\"`); "
@@ -44,11 +46,3 @@ class ClusterConfig:
         if self.replica_gpus is not None:
             return self.replica_gpus
         return 1.0 if device.startswith("cuda") else 0.0
-
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        add_flags(parser, cls)
-
-    @classmethod
-    def from_flags(cls, args: argparse.Namespace) -> ClusterConfig:
-        return from_flags(cls, args)

@@ -28,7 +28,9 @@ from conserve.server.errors import APIError
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often each replica is asked for its stats
-POLL_TIMEOUT_S = 5.0  # a replica that does not answer within this is taken as down until it does
+# A replica that does not answer within this is taken as down until it does: a process that died idle
+# is found by this (Ray Serve queues calls to it until its restart), one that died under calls at once.
+POLL_TIMEOUT_S = 2.0
 
 
 class ReplicaLost(EngineUnavailable):
