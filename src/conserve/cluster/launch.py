@@ -29,8 +29,9 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     cluster, server, config = configs_from_args(args)  # bad flags fail here, before Ray starts
     if config.model is not None and not Path(config.model).exists():
         raise ConserveError(f"no model at {config.model}")
-    Store(server.data_dir).close()  # a data dir another server holds fails now, not inside the ingress
     start_local = cluster.ray_address in (None, "local")
+    if start_local:  # the ingress runs on this machine: a data dir another server holds fails now
+        Store(server.data_dir).close()
     threads = cluster.threads()
     cpus = max(os.cpu_count() or 1, cluster.replicas * threads) if start_local else None
     if start_local and cluster.replicas * threads > (os.cpu_count() or 1):
