@@ -12,7 +12,7 @@ import pytest
 
 from conserve.cluster.dispatch import Dispatcher, ReplicaLost
 from conserve.cluster.metrics import ClusterMetrics, with_replica_label
-from conserve.cluster.wire import EngineFault, Head
+from conserve.cluster.wire import Accepted, EngineFault, Head
 from conserve.request import RequestClass
 from conserve.server.batches import BatchRunner
 from conserve.server.errors import APIError
@@ -31,6 +31,7 @@ class FakeReplica:
         self.calls: Counter[str] = Counter()
         self.held = 0
         self.dead = False
+        self.unreachable = False
         self.release = asyncio.Event()
 
     def kill(self) -> None:
@@ -56,7 +57,14 @@ class FakeReplica:
         return answer(f"{self.name} {text}")
 
     async def request(self, endpoint: str, body: dict):
+        if self.unreachable:  # a call to a process that died unnoticed: Ray Serve holds it for a restart
+            self.held += 1
+            await asyncio.Event().wait()
         self._check()
+        yield Accepted()
+        if self.hold:  # a non-streamed request: its Head comes when it is done
+            await self.release.wait()
+            self._check()
         yield Head(200, None)
         yield "data: 1\n\n"
         await self.release.wait()
@@ -188,9 +196,12 @@ def test_a_request_whose_replica_is_lost_gets_503_and_the_next_goes_elsewhere():
             second = await d.open(CHAT, {}, RequestClass.ONLINE, 10)
             assert second.replica == "b"
             await second.close()
-            b.dead = True  # before its answer begins: a 503 error object
+            b.hold = True  # accepted, answering when done (not streamed), and dies meanwhile: 503
+            in_flight = asyncio.create_task(d.open(CHAT, {}, RequestClass.ONLINE, 10))
+            await asyncio.sleep(0.01)
+            b.kill()
             with pytest.raises(APIError) as lost:
-                await d.open(CHAT, {}, RequestClass.ONLINE, 10)
+                await in_flight
             with pytest.raises(APIError) as none_up:
                 await d.open(CHAT, {}, RequestClass.ONLINE, 10)
             return lost.value, none_up.value, d.metrics
@@ -201,6 +212,30 @@ def test_a_request_whose_replica_is_lost_gets_503_and_the_next_goes_elsewhere():
     assert (lost.status, lost.code, lost.headers) == (503, "replica_lost", {"Retry-After": "1"})
     assert (none_up.status, none_up.code) == (503, "no_replica_available")
     assert metrics.lost.labels("a")._value.get() == 1 and metrics.lost.labels("b")._value.get() == 1
+
+
+def test_a_request_sent_to_a_replica_that_died_unnoticed_goes_elsewhere_once_it_is_found_down():
+    a, b = FakeReplica("a"), FakeReplica("b", online_queue_s=0.3)
+
+    async def main():
+        d = dispatcher(a, b)
+        await d.start()
+        try:
+            await until(lambda: d.router.is_up("a") and d.router.is_up("b"))
+            a.unreachable = True
+            request = asyncio.create_task(d.open(CHAT, {}, RequestClass.ONLINE, 10))
+            await until(lambda: a.held == 1)  # sent to a, which never accepts it
+            a.dead = True  # its stats poll fails: a is down
+            answer = await request
+            await answer.close()
+            return answer, d.metrics
+        finally:
+            await d.close()
+
+    answer, metrics = asyncio.run(main())
+    assert (answer.replica, answer.head.status) == ("b", 200)
+    assert metrics.routed.labels("a", "online", "http")._value.get() == 1
+    assert metrics.routed.labels("b", "online", "http")._value.get() == 1
 
 
 def test_flex_requests_beyond_the_waiting_limit_get_429():

@@ -84,15 +84,18 @@ def test_risk_thresholds():
 
 
 def test_a_lost_replica_gets_nothing_until_it_reports_and_a_new_process_counts_a_restart():
-    r = router(stats("a", online_queue_s=0.5), stats("b"))
+    clock = Clock()
+    r = router(stats("a", online_queue_s=0.5), stats("b"), clock=clock)
     r.lost("b")
     assert not r.is_up("b") and r.choose_online(10) == "a" and r.choose_offline() == "a"
     r.lost("a")
     assert not r.any_up() and r.choose_online(10) is None and r.choose_offline() is None
-    assert not r.report(stats("b"), asked_at=0.0) and r.restarts("b") == 0  # same process, back
-    assert r.report(stats("a", started_at=2.0), asked_at=0.0) and r.restarts("a") == 1
+    assert not r.report(stats("a"), asked_at=clock.now - 1) and not r.is_up("a")  # asked before the loss
+    clock.now += 1
+    assert not r.report(stats("b"), asked_at=clock.now) and r.restarts("b") == 0  # same process, back
+    assert r.report(stats("a", started_at=2.0), asked_at=clock.now) and r.restarts("a") == 1
     assert r.is_up("a") and r.is_up("b")
-    r.report(stats("a", started_at=2.0, serving=False), asked_at=0.0)  # its engine is restarting
+    r.report(stats("a", started_at=2.0, serving=False), asked_at=clock.now)  # its engine is restarting
     assert not r.is_up("a")
 
 

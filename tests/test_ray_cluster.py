@@ -89,6 +89,10 @@ def test_online_requests_spread_over_replicas_and_metrics_say_where(cluster):
         # each replica's own metrics come through the ingress, labelled with it
         assert metric(server.url, "conserve_time_to_first_token_seconds_count", replica=name,
                       request_class="online") == routed
+    flex = client.chat.completions.with_raw_response.create(messages=CHAT, max_tokens=4, model=None,
+                                                            service_tier="flex")
+    assert flex.parse().service_tier == "flex" and flex.headers["x-conserve-replica"] in REPLICAS
+    assert all(r["offline_in_flight"] == 0 for r in replicas(server).values())  # answered: counted out
 
 
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):

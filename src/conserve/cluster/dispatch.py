@@ -20,7 +20,7 @@ from typing import Protocol
 from conserve.cluster.metrics import ClusterMetrics
 from conserve.cluster.router import Router
 from conserve.cluster.stats import ReplicaStats
-from conserve.cluster.wire import EngineFault, Head
+from conserve.cluster.wire import Accepted, EngineFault, Head
 from conserve.errors import EngineUnavailable
 from conserve.request import RequestClass
 from conserve.server.errors import APIError
@@ -38,7 +38,7 @@ class ReplicaLost(EngineUnavailable):
 
 
 class ReplicaClient(Protocol):
-    def request(self, endpoint: str, body: dict) -> AsyncIterator[Head | str]: ...
+    def request(self, endpoint: str, body: dict) -> AsyncIterator[Accepted | Head | str]: ...
     async def execute(self, endpoint: str, body: dict, deadline: float | None) -> tuple[int, dict] | EngineFault: ...
     async def stats(self) -> ReplicaStats: ...
     async def metrics_text(self) -> bytes: ...
@@ -55,13 +55,15 @@ class Dispatcher:
         self.max_waiting_flex = max_waiting_flex
         self.poll_s, self.poll_timeout_s = poll_s, poll_timeout_s
         self._flex_waiting = 0
-        self._changed: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # set (and replaced) after every report
+        self._down: dict[str, asyncio.Event] = {}  # per replica, set (and replaced) when it is taken as down
         self._pollers: list[asyncio.Task] = []
         self._closed = False
 
     # -- stats ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._changed = asyncio.Event()
+        self._down = {name: asyncio.Event() for name in self.replicas}
         self._pollers = [asyncio.create_task(self._poll(name), name=f"stats of {name}") for name in self.replicas]
 
     async def close(self) -> None:
@@ -78,7 +80,7 @@ class Dispatcher:
             except (ReplicaLost, asyncio.TimeoutError) as e:
                 if self.router.is_up(name):
                     log.warning("replica %s is down (%s)", name, type(e).__name__)
-                self.router.lost(name)
+                self._mark_down(name)
             else:
                 if self.router.report(stats, asked):
                     log.warning("replica %s was restarted (pid %d on %s)", name, stats.pid, stats.node)
@@ -104,19 +106,44 @@ class Dispatcher:
                 self.metrics.offline_held.inc()
             await self._changed.wait()
 
+    def _mark_down(self, name: str) -> None:
+        """No new work goes there until it reports again; requests it has not accepted go elsewhere."""
+        self.router.lost(name)
+        if name in self._down:
+            self._down[name].set()
+            self._down[name] = asyncio.Event()
+
     def _lost(self, name: str, e: BaseException) -> None:
         log.warning("replica %s lost under a call: %s", name, e)
-        self.router.lost(name)
+        self._mark_down(name)
         self.metrics.lost.labels(name).inc()
         self.metrics.observe(self.router, name)
 
     # -- HTTP requests -------------------------------------------------------------------------------
     async def open(self, endpoint: str, body: dict, request_class: RequestClass, prompt_tokens: int) -> Answer:
-        """Send a request where the router says; returns once its Head is in. Raises APIError 503 when no
-        replica can take it or the chosen one is lost before answering (429: too many flex waiting)."""
+        """Send a request where the router says; returns once its Head is in. A replica that goes down
+        before it accepted the request (a process that died before anyone knew) never began it: the
+        request goes to the next choice. Raises APIError 503 when no replica can take it or the one that
+        accepted it is lost before answering (429: too many flex requests waiting)."""
+        for _ in range(len(self.replicas)):
+            answer = await self._send(endpoint, body, request_class, prompt_tokens)
+            if await self._accepted(answer):
+                break
+        else:
+            raise _no_replica()
+        try:
+            answer.head = await anext(answer.items)
+        except BaseException as e:
+            await answer.close()
+            if isinstance(e, ReplicaLost):
+                self._lost(answer.replica, e)
+                raise replica_lost_error(answer.replica) from None
+            raise
+        return answer
+
+    async def _send(self, endpoint: str, body: dict, request_class: RequestClass, prompt_tokens: int) -> Answer:
         if not self.router.any_up():
-            raise APIError(503, "no engine replica is up; retry later", code="no_replica_available",
-                           headers={"Retry-After": "1"})
+            raise _no_replica()
         online = request_class is RequestClass.ONLINE
         if online:
             name = self.router.choose_online(prompt_tokens)
@@ -128,16 +155,35 @@ class Dispatcher:
             name = await self._wait_for_flex_replica()
             self.router.sent_offline(name)
         self.metrics.routed.labels(name, request_class.value, "http").inc()
-        answer = Answer(self, name, self.replicas[name].request(endpoint, body), offline=not online)
+        return Answer(self, name, self.replicas[name].request(endpoint, body), offline=not online)
+
+    async def _accepted(self, answer: Answer) -> bool:
+        """Wait for the replica to accept the request; False (the call ended) when it went down first."""
+        first = asyncio.ensure_future(anext(answer.items))
+        down = asyncio.ensure_future(self._down[answer.replica].wait())
         try:
-            answer.head = await anext(answer.items)
-        except BaseException as e:
+            try:
+                await asyncio.wait({first, down}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # the call's generator must be still before it can be closed
+                for task in (first, down):
+                    task.cancel()
+                await asyncio.gather(first, down, return_exceptions=True)
+        except BaseException:
             await answer.close()
-            if isinstance(e, ReplicaLost):
-                self._lost(name, e)
-                raise replica_lost_error(name) from None
             raise
-        return answer
+        if first.cancelled():
+            log.warning("replica %s went down before accepting a request; sending it elsewhere", answer.replica)
+            await answer.close()
+            return False
+        error = first.exception()
+        if isinstance(error, ReplicaLost):
+            self._lost(answer.replica, error)
+            await answer.close()
+            return False
+        if error is not None or not isinstance(first.result(), Accepted):
+            await answer.close()
+            raise error or RuntimeError(f"replica {answer.replica} answered before accepting the request")
+        return True
 
     async def _wait_for_flex_replica(self) -> str:
         if self.max_waiting_flex and self._flex_waiting >= self.max_waiting_flex:
@@ -214,6 +260,11 @@ class Answer:
         if self._offline:
             self._dispatcher.router.offline_done(self.replica)
         await self.items.aclose()
+
+
+def _no_replica() -> APIError:
+    return APIError(503, "no engine replica is up; retry later", code="no_replica_available",
+                     headers={"Retry-After": "1"})
 
 
 def replica_lost_error(name: str) -> APIError:

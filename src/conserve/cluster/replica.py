@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from conserve.async_engine import DEAD
 from conserve.cluster.engine_report import EngineReport
 from conserve.cluster.stats import ReplicaStats
-from conserve.cluster.wire import SSE_HEADERS, EngineFault, Head
+from conserve.cluster.wire import SSE_HEADERS, Accepted, EngineFault, Head
 from conserve.config import EngineConfig
 from conserve.errors import EngineUnavailable
 from conserve.request import RequestClass
@@ -72,9 +72,10 @@ class EngineReplica:
         return {"model": self.model_name, "max_model_len": self.serving.max_model_len,
                 "slo_ttft_s": self.config.slo_ttft_ms / 1000, "slo_tbt_s": self.config.slo_tbt_ms / 1000}
 
-    async def request(self, endpoint: str, body: dict) -> AsyncIterator[Head | str]:
-        """An OpenAI chat or completions request: a Head, then (when it streams) its SSE lines."""
+    async def request(self, endpoint: str, body: dict) -> AsyncIterator[Accepted | Head | str]:
+        """An OpenAI chat or completions request: Accepted, a Head, then (when it streams) its SSE lines."""
         self._on_loop()
+        yield Accepted()
         try:
             if endpoint == CHAT:
                 answer = await self.serving.chat(ChatCompletionRequest.model_validate(body))

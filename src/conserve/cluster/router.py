@@ -37,6 +37,7 @@ class _Replica:
     pending: list[tuple[float, float]] = field(default_factory=list)  # (sent at, predicted prefill s), online
     offline: int = 0  # offline calls in flight there (batch line leases and flex requests)
     restarts: int = 0
+    lost_at: float = float("-inf")  # when a call last found it gone: reports asked for before say nothing
 
 
 class Router:
@@ -61,6 +62,8 @@ class Router:
         """A replica's report, asked for at `asked_at` (this router's clock). Returns whether it comes
         from a restarted process."""
         r = self._replicas[stats.name]
+        if asked_at < r.lost_at:  # from before the loss: its process may be the dead one
+            return False
         restarted = r.stats is not None and stats.started_at != r.stats.started_at
         if restarted:
             r.restarts += 1
@@ -74,6 +77,7 @@ class Router:
         r = self._replicas[name]
         r.up = False
         r.pending.clear()
+        r.lost_at = self._clock()
 
     # -- decisions -----------------------------------------------------------------------------------
     def predicted_ttft(self, name: str, prompt_tokens: int) -> float | None:

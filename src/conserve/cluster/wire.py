@@ -1,11 +1,17 @@
 """What crosses from an engine replica to the ingress besides stats. Pure Python (the ingress has no
-torch): a request's answer starts with a Head; a streamed one then sends its SSE lines as strings."""
+torch): a request's answer is Accepted (it reached the replica), then a Head, then, when it streams,
+its SSE lines as strings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Accepted:
+    """The request reached the replica. Until then it may be sent to another one: it has not begun."""
 
 
 @dataclass
