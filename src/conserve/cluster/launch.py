@@ -37,6 +37,10 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     if start_local and cluster.replicas * threads > (os.cpu_count() or 1):
         log.warning("%d replicas x %d threads oversubscribe this machine's %d CPUs", cluster.replicas, threads,
                     os.cpu_count() or 1)
+    if start_local:
+        # Ray starts its workers at niceness 15, as background work; an engine replica is the serving
+        # path: there every other process on the machine would preempt its OpenMP threads.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local" if start_local else cluster.ray_address, num_cpus=cpus, include_dashboard=False,
              logging_level=logging.WARNING)
     stop = threading.Event()
