@@ -6,6 +6,7 @@ metrics come through labelled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 
 import pytest
@@ -77,8 +78,16 @@ class FakeReplica:
                b'conserve_requests_total{request_class="online"} 3.0\n'
 
 
-def dispatcher(*replicas: FakeReplica, **kw) -> Dispatcher:
-    return Dispatcher({r.name: r for r in replicas}, ClusterMetrics(), poll_s=0.001, **kw)
+@contextlib.asynccontextmanager
+async def running(*replicas: FakeReplica, **kw):
+    """A started dispatcher over these replicas, once each has reported; closed on the way out."""
+    d = Dispatcher({r.name: r for r in replicas}, ClusterMetrics(), poll_s=0.001, **kw)
+    await d.start()
+    try:
+        await until(lambda: all(d.router.is_up(r.name) for r in replicas))
+        yield d
+    finally:
+        await d.close()
 
 
 async def until(condition, timeout: float = 10.0) -> None:
@@ -94,22 +103,20 @@ def test_lines_leased_to_a_replica_that_dies_run_again_elsewhere_once(tmp_path):
     a, b = FakeReplica("a", hold=True, offline_capacity=300.0), FakeReplica("b", hold=True)
 
     async def main():
-        d = dispatcher(a, b)
-        await d.start()
-        runner = BatchRunner(store, d.execute_line, max_concurrency=6, retry=fast_retry())
-        await runner.start()
-        try:
-            batch = await runner.create(f.id, CHAT)
-            await until(lambda: a.held + b.held == 6)
-            assert (a.held, b.held) == (5, 1)  # capacity per line in flight: 300, 150, 100 (b), 100, 75, 60
-            leased_on_a = a.held
-            a.kill()
-            b.hold = False
-            b.release.set()
-            return await wait_status(store, batch.id, ("completed",)), leased_on_a, d.metrics
-        finally:
-            await runner.shutdown()
-            await d.close()
+        async with running(a, b) as d:
+            runner = BatchRunner(store, d.execute_line, max_concurrency=6, retry=fast_retry())
+            await runner.start()
+            try:
+                batch = await runner.create(f.id, CHAT)
+                await until(lambda: a.held + b.held == 6)
+                assert (a.held, b.held) == (5, 1)  # capacity per line in flight: 300, 150, 100 (b), 100, 75, 60
+                leased_on_a = a.held
+                a.kill()
+                b.hold = False
+                b.release.set()
+                return await wait_status(store, batch.id, ("completed",)), leased_on_a, d.metrics
+            finally:
+                await runner.shutdown()
 
     done, leased_on_a, metrics = asyncio.run(main())
     assert (done.completed, done.failed) == (12, 0)
@@ -135,15 +142,13 @@ def test_an_engine_fault_in_a_replica_is_a_lost_lease_too(tmp_path):
             return await super().execute(endpoint, body, deadline)
 
     async def main():
-        d = dispatcher(Faulty("a"))
-        await d.start()
-        runner = BatchRunner(store, d.execute_line, retry=fast_retry())
-        await runner.start()
-        try:
-            return await wait_status(store, (await runner.create(f.id, CHAT)).id, ("completed",))
-        finally:
-            await runner.shutdown()
-            await d.close()
+        async with running(Faulty("a")) as d:
+            runner = BatchRunner(store, d.execute_line, retry=fast_retry())
+            await runner.start()
+            try:
+                return await wait_status(store, (await runner.create(f.id, CHAT)).id, ("completed",))
+            finally:
+                await runner.shutdown()
 
     done = asyncio.run(main())
     assert (done.completed, done.failed) == (3, 0) and faults == {"q1": 0}
@@ -154,11 +159,8 @@ def test_offline_work_waits_while_every_replica_is_at_risk():
     a = FakeReplica("a", online_queue_s=0.9)  # online queue past half the TTFT objective
 
     async def main():
-        d = dispatcher(a)
-        await d.start()
-        try:
+        async with running(a) as d:
             line = asyncio.create_task(d.execute_line(CHAT, {"messages": [{"role": "user", "content": "x"}]}, None))
-            await until(lambda: d.router.is_up("a"))
             flex = asyncio.create_task(d.open(CHAT, {}, RequestClass.OFFLINE, 10))
             await asyncio.sleep(0.05)
             assert not line.done() and not flex.done() and not a.calls
@@ -172,8 +174,6 @@ def test_offline_work_waits_while_every_replica_is_at_risk():
             assert (flex.replica, flex.head.status) == ("a", 200) and d.router.offline_in_flight("a") == 1
             await flex.close()  # its lines never read (a client gone at once): still counted out
             assert d.router.offline_in_flight("a") == 0
-        finally:
-            await d.close()
 
     asyncio.run(main())
 
@@ -182,10 +182,7 @@ def test_a_request_whose_replica_is_lost_gets_503_and_the_next_goes_elsewhere():
     a, b = FakeReplica("a"), FakeReplica("b", online_queue_s=0.3)
 
     async def main():
-        d = dispatcher(a, b)
-        await d.start()
-        try:
-            await until(lambda: d.router.is_up("a") and d.router.is_up("b"))
+        async with running(a, b) as d:
             first = await d.open(CHAT, {}, RequestClass.ONLINE, 10)
             lines = first.lines()
             assert first.replica == "a" and await anext(lines) == "data: 1\n\n"
@@ -205,8 +202,6 @@ def test_a_request_whose_replica_is_lost_gets_503_and_the_next_goes_elsewhere():
             with pytest.raises(APIError) as none_up:
                 await d.open(CHAT, {}, RequestClass.ONLINE, 10)
             return lost.value, none_up.value, d.metrics
-        finally:
-            await d.close()
 
     lost, none_up, metrics = asyncio.run(main())
     assert (lost.status, lost.code, lost.headers) == (503, "replica_lost", {"Retry-After": "1"})
@@ -218,10 +213,7 @@ def test_a_request_sent_to_a_replica_that_died_unnoticed_goes_elsewhere_once_it_
     a, b = FakeReplica("a"), FakeReplica("b", online_queue_s=0.3)
 
     async def main():
-        d = dispatcher(a, b)
-        await d.start()
-        try:
-            await until(lambda: d.router.is_up("a") and d.router.is_up("b"))
+        async with running(a, b) as d:
             a.unreachable = True
             request = asyncio.create_task(d.open(CHAT, {}, RequestClass.ONLINE, 10))
             await until(lambda: a.held == 1)  # sent to a, which never accepts it
@@ -229,8 +221,6 @@ def test_a_request_sent_to_a_replica_that_died_unnoticed_goes_elsewhere_once_it_
             answer = await request
             await answer.close()
             return answer, d.metrics
-        finally:
-            await d.close()
 
     answer, metrics = asyncio.run(main())
     assert (answer.replica, answer.head.status) == ("b", 200)
@@ -242,18 +232,13 @@ def test_flex_requests_beyond_the_waiting_limit_get_429():
     a = FakeReplica("a", online_step_s=1.0)  # at risk: offline work waits
 
     async def main():
-        d = dispatcher(a, max_waiting_flex=1)
-        await d.start()
-        try:
-            await until(lambda: d.router.is_up("a"))
+        async with running(a, max_waiting_flex=1) as d:
             waiting = asyncio.create_task(d.open(CHAT, {}, RequestClass.OFFLINE, 10))
             await asyncio.sleep(0.01)
             with pytest.raises(APIError) as e:
                 await d.open(CHAT, {}, RequestClass.OFFLINE, 10)
             waiting.cancel()
             return e.value
-        finally:
-            await d.close()
 
     error = asyncio.run(main())
     assert error.status == 429 and error.code == "queue_full"
