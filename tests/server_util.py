@@ -70,3 +70,15 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def metric(url: str, sample: str, **labels: str) -> float:
+    """The value of one sample (e.g. `conserve_routed_requests_total`) of a server's /metrics whose
+    labels include these; 0 when there is none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0

@@ -38,3 +38,10 @@ def test_corrupt_gguf_header_is_a_one_line_error(tmp_path):
 def test_bad_flag_values_are_rejected_before_loading():
     res = run("generate", "--prompt", "hi", "--kv-cache-gb", "0")
     assert res.returncode == 2 and "kv_cache_gb" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_replicas_without_ray_is_a_one_line_error():
+    code = ("import sys; sys.modules['ray'] = None; from conserve.cli import main; "
+            "sys.exit(main(['serve', '--replicas', '2']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 2 and 'pip install "conserve[ray]"' in res.stderr and "Traceback" not in res.stderr

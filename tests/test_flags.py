@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from conserve.cli import build_parser
+from conserve.cluster.config import ClusterConfig
 from conserve.config import EngineConfig
 from conserve.flag_docs import marked_tables, render_tables
 from conserve.flags import flag_fields
@@ -20,6 +21,7 @@ def test_defaults_from_the_command_line_equal_the_dataclass_defaults():
     args = build_parser().parse_args(["serve"])
     assert EngineConfig.from_flags(args) == EngineConfig()
     assert ServerConfig.from_flags(args) == ServerConfig()
+    assert ClusterConfig.from_flags(args) == ClusterConfig() and not ClusterConfig().uses_ray
 
 
 def test_each_flag_sets_its_field():
@@ -48,5 +50,6 @@ def test_internal_fields_get_no_flag():
 
 def test_readme_flag_tables_are_generated_and_current():
     text = README.read_text()
-    assert sorted(marked_tables(text)) == ["EngineConfig coserving", "EngineConfig engine", "ServerConfig server"]
+    assert sorted(marked_tables(text)) == ["ClusterConfig cluster", "EngineConfig coserving", "EngineConfig engine",
+                                           "ServerConfig server"]
     assert render_tables(text) == text, "run: python -m conserve.flag_docs README.md"

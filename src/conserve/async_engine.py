@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from conserve.deltas import DeltaBuffer, DeltaTracker
 from conserve.engine import Engine, PromptLimits
+from conserve.errors import EngineUnavailable
 from conserve.outputs import RequestOutput
 from conserve.request import RequestClass
 from conserve.sampling_params import SamplingParams
@@ -46,7 +47,7 @@ class _Add:
     deadline: float | None = None
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(EngineUnavailable):
     """The engine stopped on an unexpected error; this request cannot be served."""
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from conserve.flags import add_flags, flag, from_flags
+from conserve.flags import Flagged, flag
 from conserve.kv.offload import OFFLINE_KV_MODES
 from conserve.preemption import PREEMPTION_MODES
 from conserve.sched.config import POLICIES, SchedulerConfig
@@ -31,9 +32,11 @@ COMPILE_MODES = ("off", "on")
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(Flagged):
     """Every knob of the engine. The `flag(...)` fields are also `conserve` command-line flags (their
     help is the README's flag tables); the rest are for the Python API only."""
+
+    FLAG_GROUPS: ClassVar[dict[str, str]] = {"engine": "engine", "coserving": "co-serving (each mechanism can be switched off)"}
 
     model: str | None = flag(None, "an HF directory (`config.json`, `*.safetensors`, `tokenizer.json`, "
                              "`tokenizer_config.json`, `generation_config.json`) or a GGUF file",
@@ -195,11 +198,3 @@ class EngineConfig:
                                max_online_slowdown=self.max_online_slowdown,
                                num_layer_groups=-(-num_layers // self.safepoint_every))
 
-    # -- command line --------------------------------------------------------------------------
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        add_flags(parser, cls, {"engine": "engine", "coserving": "co-serving (each mechanism can be switched off)"})
-
-    @classmethod
-    def from_flags(cls, args: argparse.Namespace, **overrides) -> EngineConfig:
-        return from_flags(cls, args, **overrides)

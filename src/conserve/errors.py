@@ -11,3 +11,8 @@ class ModelLoadError(ConserveError):
 
 class RequestError(ConserveError, ValueError):
     """A request is invalid (bad parameters, prompt too long, ...)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine that was serving a request failed under it, or is restarting, or the replica that held
+    it is gone: the request has no answer. Batch lines that meet it run again (server/batch_retry.py)."""

@@ -10,11 +10,12 @@ import re
 import sys
 from pathlib import Path
 
+from conserve.cluster.config import ClusterConfig
 from conserve.config import EngineConfig
 from conserve.flags import markdown_table
 from conserve.server.config import ServerConfig
 
-CLASSES = {"EngineConfig": EngineConfig, "ServerConfig": ServerConfig}
+CLASSES = {"EngineConfig": EngineConfig, "ServerConfig": ServerConfig, "ClusterConfig": ClusterConfig}
 _MARKED = re.compile(r"(<!-- flags: (\S+) (\S+) -->\n)(.*?)(\n<!-- /flags -->)", re.S)
 
 

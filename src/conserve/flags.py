@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "engine", default_factory=None,
@@ -78,3 +78,19 @@ def markdown_table(cls, group: str) -> str:
             name = option_name(f) + (f" {metavar}" if metavar else "")
             rows.append(f"| `{name}` | {shown_default(f)} | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+class Flagged:
+    """Base of the config dataclasses whose fields are flags: `add_flags(parser)` and `from_flags(args)`.
+    FLAG_GROUPS titles the argparse groups (by the fields' `group`)."""
+
+    FLAG_GROUPS: ClassVar[dict[str, str] | None] = None
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        add_flags(parser, cls, cls.FLAG_GROUPS)
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, **overrides):
+        """The config from parsed flags (fields without a flag keep their defaults unless overridden)."""
+        return from_flags(cls, args, **overrides)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -88,6 +89,16 @@ def decode_batch(batch: int, context: int) -> IterationShape:
 
 def prefill_chunk(tokens: int, context_after: int) -> IterationShape:
     return IterationShape().plus(tokens, context_after)
+
+
+def prefill_seconds(model: LatencyModel, prompt_tokens: int, chunk_tokens: int) -> float:
+    """Predicted seconds to prefill a prompt alone, in chunks of at most chunk_tokens."""
+    seconds, done = 0.0, 0
+    while done < prompt_tokens:
+        chunk = min(chunk_tokens, prompt_tokens - done)
+        done += chunk
+        seconds += model.predict(prefill_chunk(chunk, done))
+    return seconds
 
 
 @dataclass
@@ -180,6 +191,11 @@ class LatencyModel:
             self.correction = sum(s.seconds / self._fitted(s.shape) for s in recent) / len(recent)
         return True
 
+    def portable(self) -> LatencyModel:
+        """The model as it predicts now (correction folded into the coefficients), without its samples:
+        small enough to send to another process with every stats report."""
+        return LatencyModel([c * self.correction for c in self.coefficients], padded_decode=self.padded_decode)
+
     def relative_errors(self, samples: Iterable[Sample]) -> list[float]:
         return [abs(self._fitted(s.shape) - s.seconds) / s.seconds for s in samples]
 
@@ -201,7 +217,7 @@ class LatencyModel:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # replicas on one machine may profile at once
         tmp.write_text(json.dumps(self.to_json(), indent=2))
         tmp.replace(path)
 

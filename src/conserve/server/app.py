@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import logging
 import math
 import time
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve.async_engine import RESTARTING, AsyncEngine
 from conserve.server import dashboard
 from conserve.server.admission import AdmissionLimits
-from conserve.server.errors import APIError, error_response, validation_message, validation_param
+from conserve.server.errors import APIError, error_response
+from conserve.server.http_errors import install_openai_errors
 from conserve.server.metrics import Metrics
 from conserve.server.openai_api import OpenAIServing
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
-
-log = logging.getLogger(__name__)
 
 
 def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: str | None = None,
@@ -55,39 +50,7 @@ def build_app(engine: AsyncEngine, model_name: str, metrics: Metrics, api_key: s
     app = FastAPI(title="conserve", version="0.1.0", lifespan=lifespan)
     app.state.serving = serving
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.http_errors.labels("401").inc()
-                return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-        return await call_next(request)
-
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        metrics.http_errors.labels(str(e.status)).inc()
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError):
-        metrics.http_errors.labels("400").inc()
-        errors = e.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            return error_response(400, "the request body is not valid JSON")
-        return error_response(400, validation_message(errors), validation_param(errors))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        metrics.http_errors.labels(str(e.status_code)).inc()
-        return error_response(e.status_code, str(e.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception):  # a bug: log it, never show a traceback
-        log.exception("unhandled error")
-        metrics.http_errors.labels("500").inc()
-        return error_response(500, f"internal error: {type(e).__name__}")
+    install_openai_errors(app, metrics.http_errors, api_key)
 
     @app.get("/health")
     async def health():

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from conserve.errors import EngineUnavailable
 from conserve.server.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,9 @@ ALONE_AFTER = 2  # faults after which a line runs alone
 
 
 def is_engine_fault(e: BaseException) -> bool:
-    """Whether `e` says the engine failed (or is restarting) under the request, not that the request is bad."""
-    # EngineDeadError lives beside the engine (and torch). An instance of it means its module is loaded,
-    # so look it up there instead of importing torch into the batch runner.
-    module = sys.modules.get("conserve.async_engine")
-    return module is not None and isinstance(e, module.EngineDeadError)
+    """Whether `e` says the engine failed (or is restarting, or its replica is gone) under the request,
+    not that the request is bad."""
+    return isinstance(e, EngineUnavailable)
 
 
 class EngineRetry:

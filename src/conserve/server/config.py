@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from conserve.flags import add_flags, flag, from_flags
+from conserve.flags import Flagged, flag
 
 
 @dataclass
-class ServerConfig:
+class ServerConfig(Flagged):
     host: str = flag("127.0.0.1", "address to listen on", group="server")
     port: int = flag(8000, "port to listen on", group="server")
     data_dir: str = flag(str(Path.home() / ".local/share/conserve"), "uploaded files, batch jobs and their "
@@ -69,11 +68,3 @@ class ServerConfig:
             raise ValueError("max_predicted_ttft_factor, max_engine_restarts and engine_restart_backoff_s must be >= 0")
         if not self.request_chat_template_timeout > 0:
             raise ValueError(f"request_chat_template_timeout must be > 0, got {self.request_chat_template_timeout}")
-
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        add_flags(parser, cls)
-
-    @classmethod
-    def from_flags(cls, args: argparse.Namespace) -> ServerConfig:
-        return from_flags(cls, args)

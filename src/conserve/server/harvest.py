@@ -19,6 +19,12 @@ def harvest_rate(engine: Engine | None) -> float | None:
     measured = engine.stats.harvest_rate()
     if measured is not None and measured > 0:
         return measured
+    return predicted_harvest(engine)
+
+
+def predicted_harvest(engine: Engine) -> float | None:
+    """The latency model's offline throughput scaled by the share of time online work leaves free: what
+    offline work could get here now, however much of it runs (None without a latency model)."""
     model = engine.latency_model
     if model is None:
         return None

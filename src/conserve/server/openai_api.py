@@ -21,14 +21,12 @@ from conserve.errors import RequestError
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.request import RequestClass
 from conserve.sampling_params import SamplingParams
-from conserve.sched.latency_model import prefill_chunk
+from conserve.sched.latency_model import prefill_seconds
 from conserve.server.admission import Admission, AdmissionLimits, Rejected, Ticket
 from conserve.server.errors import APIError, error_body, validation_message, validation_param
 from conserve.server.metrics import Metrics
-from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from conserve.server.protocol import CHAT, COMPLETIONS, ChatCompletionRequest, CompletionRequest
 from conserve.server.template_sandbox import TemplateSandbox
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 @dataclass
@@ -229,12 +227,7 @@ class OpenAIServing:
         model = engine.latency_model if engine is not None else None
         if model is None:
             return None
-        seconds, done = 0.0, 0
-        while done < prompt_tokens:
-            chunk = min(self.max_num_batched_tokens, prompt_tokens - done)
-            done += chunk
-            seconds += model.predict(prefill_chunk(chunk, done))
-        return seconds
+        return prefill_seconds(model, prompt_tokens, self.max_num_batched_tokens)
 
     # -- running -------------------------------------------------------------------------------
     async def _outputs(self, job: _Job) -> AsyncIterator[RequestOutput]:

@@ -11,6 +11,8 @@ from conserve.request import RequestClass
 from conserve.sampling_params import SamplingParams
 from conserve.server.errors import APIError
 
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from conserve.cluster.config import ClusterConfig
 from conserve.config import EngineConfig
 from conserve.server.config import ServerConfig
 
@@ -13,19 +14,49 @@ log = logging.getLogger(__name__)
 
 def add_serve_command(sub, parents) -> None:
     p = sub.add_parser("serve", parents=parents, help="OpenAI-compatible HTTP server (online + offline)")
-    ServerConfig.add_flags(p)
-    EngineConfig.add_flags(p)
+    add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    ServerConfig.add_flags(parser)
+    ClusterConfig.add_flags(parser)
+    EngineConfig.add_flags(parser)
+
+
+def admission_limits(server: ServerConfig, config: EngineConfig):
+    from conserve.server.admission import AdmissionLimits
+
+    return AdmissionLimits(server.max_waiting_requests, server.flex_waiting_limit, server.max_predicted_ttft_factor,
+                           config.slo_ttft_ms / 1000)
+
+
+def engine_under_supervisor(config: EngineConfig, server: ServerConfig, on_step, wrap_engine=None):
+    """An AsyncEngine (not started) that builds and warms up the engine on its own thread, and rebuilds
+    it after a fault as the server flags say."""
+    from conserve.async_engine import AsyncEngine
+    from conserve.engine import Engine
+
+    def make_engine() -> Engine:
+        engine = Engine(config)
+        engine.warmup()
+        if wrap_engine is not None:
+            wrap_engine(engine)
+        return engine
+
+    return AsyncEngine(make_engine, on_step=on_step, max_restarts=server.max_engine_restarts,
+                       restart_backoff_s=server.engine_restart_backoff_s)
 
 
 def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
     """wrap_engine: called on every engine built (first start and restarts) before it serves; tests
     use it to inject faults."""
+    if ClusterConfig.from_flags(args).uses_ray:
+        from conserve.cluster.launch import serve_on_ray
+
+        return serve_on_ray(args)
     import uvicorn
 
-    from conserve.async_engine import AsyncEngine
-    from conserve.engine import Engine
-    from conserve.server.admission import AdmissionLimits
     from conserve.server.app import build_app
     from conserve.server.batch_retry import EngineRetry
     from conserve.server.batches import BatchRunner
@@ -38,21 +69,12 @@ def cmd_serve(args: argparse.Namespace, wrap_engine=None) -> int:
     # data dir already used by another server fails at once.
     server = ServerConfig.from_flags(args)
     config = EngineConfig.from_flags(args)
-    admission = AdmissionLimits(server.max_waiting_requests, server.flex_waiting_limit,
-                                server.max_predicted_ttft_factor, config.slo_ttft_ms / 1000)
+    admission = admission_limits(server, config)
     retry = EngineRetry(lambda: async_engine.is_running, max_faults=server.batch_max_engine_faults)
     store = Store(server.data_dir)
 
-    def make_engine() -> Engine:
-        engine = Engine(config)
-        engine.warmup()
-        if wrap_engine is not None:
-            wrap_engine(engine)
-        return engine
-
     metrics = Metrics()
-    async_engine = AsyncEngine(make_engine, on_step=metrics.on_step, max_restarts=server.max_engine_restarts,
-                               restart_backoff_s=server.engine_restart_backoff_s)
+    async_engine = engine_under_supervisor(config, server, metrics.on_step, wrap_engine)
     name = server.served_model_name or async_engine.start().loaded.name  # no reference kept: restarts free it
     runners: list[BatchRunner] = []
 

@@ -1,0 +1,1 @@
+"""conserve on several engine replicas: Ray Serve deployments behind one OpenAI-compatible ingress."""
