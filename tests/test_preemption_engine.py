@@ -85,6 +85,18 @@ def test_inline_checkpoints_leave_outputs_exact(undisturbed):
     assert engine.kv_manager.num_free_blocks == 16
 
 
+def test_block_copies_leave_outputs_exact(undisturbed):
+    # The GPU's copier (whole blocks, asynchronous on CUDA; inline here): the same churn.
+    engine, outputs, offline = run_with_arrivals("layer", "checkpoint", num_kv_blocks=16, every=4, copier_delay=0.0,
+                                                  kv_copy_unit="block")
+    assert outputs == undisturbed
+    assert sum(r.num_preemptions for r in offline.values()) >= 2
+    assert engine.offload.whole_blocks and engine.offload.stats.bytes_prefetched > 0
+    engine.offload.wait_all()
+    assert engine.offload.host.pool.num_free == engine.offload.host.pool.num_blocks
+    assert engine.kv_manager.num_free_blocks == 16
+
+
 def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_params=GREEDY, copier_delay=0.03,
                       **config_kw):
     # 16 blocks of 16 tokens = 256 token slots: four 70-token offline prompts growing to 86 tokens and
@@ -94,7 +106,7 @@ def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_param
                           max_iteration_ms=150, preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05, safepoint_every=3,
                           **config_kw)
     engine = Engine(config, latency_model=rough_latency_model())
-    if offline_kv == "checkpoint" and DEVICE == "cpu":
+    if offline_kv == "checkpoint" and DEVICE == "cpu" and engine.config.kv_copy_unit != "block":
         engine.copier.delay_s = copier_delay  # a slow copier: blocks must wait for their copies
     for rid, ids in OFFLINE.items():
         engine.add_request(rid, ids, GREEDY, RequestClass.OFFLINE)

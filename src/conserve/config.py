@@ -28,6 +28,7 @@ _S = SchedulerConfig  # the scheduler's own defaults, written once there
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 ATTENTION_MODES = ("auto", "kernel", "gather")
 COMPILE_MODES = ("off", "on")
+KV_COPY_UNITS = ("auto", "token", "block")
 
 
 @dataclass
@@ -141,6 +142,12 @@ class EngineConfig:
     iteration_trace: str | None = flag(None, "append one JSON line per model run (time, duration, the latency "
                                        "model's prediction, tokens by class, context) to this file: where time "
                                        "goes when co-serving", type=str, metavar="PATH")
+    kv_copy_unit: str = flag(
+        "auto", "how KV moves between the device and the host tier. `block`: whole blocks, asynchronously "
+        "(one gather of every layer's blocks and one copy per run of host blocks, on a side stream on CUDA, "
+        "done when its event completes); only full blocks are checkpointed, so a resume recomputes at most "
+        "the partial last block. `token`: each computed token once, on the engine thread (synchronous). "
+        "`auto`: `block` on CUDA, `token` on CPU", group="coserving", choices=list(KV_COPY_UNITS))
     host_kv_cache_gb: float = flag(2.0, "host memory for checkpointed KV (pinned on CUDA); when full, the oldest "
                                    "checkpoints of preempted requests are dropped and those requests recompute",
                                    group="coserving")
@@ -177,6 +184,8 @@ class EngineConfig:
             raise ValueError(f"offline_kv must be one of {', '.join(OFFLINE_KV_MODES)}, got {self.offline_kv!r}")
         if self.safepoint_every < 1:
             raise ValueError(f"safepoint_every must be >= 1, got {self.safepoint_every}")
+        if self.kv_copy_unit not in KV_COPY_UNITS:
+            raise ValueError(f"kv_copy_unit must be one of {', '.join(KV_COPY_UNITS)}, got {self.kv_copy_unit!r}")
         if self.host_kv_cache_gb <= 0:
             raise ValueError(f"host_kv_cache_gb must be > 0, got {self.host_kv_cache_gb}")
         self.scheduler_config(8192)  # validates the scheduling fields

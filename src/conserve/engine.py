@@ -13,7 +13,9 @@ import torch
 from conserve.config import EngineConfig
 from conserve.detokenizer import IncrementalDetokenizer
 from conserve.errors import RequestError
+from conserve.kv.block_copier import BlockCopier, BlockHostCache
 from conserve.kv.copier import Copier, HostKVCache
+from conserve.kv.copy_queue import queue_for
 from conserve.kv.host_kv_manager import HostKVManager
 from conserve.kv.kv_manager import KVCacheManager, blocks_needed
 from conserve.kv.offload import Offloader
@@ -172,12 +174,20 @@ class Engine:
         if config.offline_kv == "recompute":
             return None
         num_blocks = max(1, int(config.host_kv_cache_gb * 2**30 // bytes_per_block))
-        self.host_kv_cache = HostKVCache(self.kv_cache, num_blocks)
-        self.copier = Copier(self.kv_cache, self.host_kv_cache)
-        log.info("host KV tier: %d blocks (%.2f GiB), offline KV mode %s", num_blocks,
-                 num_blocks * bytes_per_block / 2**30, config.offline_kv)
+        unit = config.kv_copy_unit
+        if unit == "auto":
+            unit = "block" if self.kv_cache.store.is_cuda else "token"
+        if unit == "block":
+            queue = queue_for(self.kv_cache.store.device)
+            self.host_kv_cache = BlockHostCache(self.kv_cache, num_blocks, queue)
+            self.copier = BlockCopier(self.kv_cache, self.host_kv_cache, queue)
+        else:
+            self.host_kv_cache = HostKVCache(self.kv_cache, num_blocks)
+            self.copier = Copier(self.kv_cache, self.host_kv_cache)
+        log.info("host KV tier: %d blocks (%.2f GiB), offline KV mode %s, copied by %s", num_blocks,
+                 num_blocks * bytes_per_block / 2**30, config.offline_kv, unit)
         return Offloader(config.offline_kv, HostKVManager(num_blocks, config.block_size), self.kv_manager,
-                         self.copier, bytes_per_block // config.block_size)
+                         self.copier, bytes_per_block // config.block_size, whole_blocks=unit == "block")
 
     def _load_or_profile_latency_model(self) -> LatencyModel:
         """The configured latency model, else the cached fit for this model/dtype/device/threads, else

@@ -52,7 +52,9 @@ class AttentionMetadata:
 
 
 class KVCache:
-    """Per-layer key and value tensors, each [kv_heads, num_blocks * block_size, head_dim]."""
+    """Per-layer key and value tensors, each [kv_heads, num_blocks * block_size, head_dim], all views of
+    one tensor `store` [2 * layers, kv_heads, slots, head_dim] (layer i's keys at 2i, values at 2i + 1),
+    so one indexed copy moves a block of every layer at once (kv/block_copier.py)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -60,9 +62,16 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         # Zero (a padded read of a never-written slot must not meet NaN) and committed as used.
-        self.k = [lazy_zeros((kv_heads, slots, head_dim), dtype, device) for _ in range(num_layers)]
-        self.v = [lazy_zeros((kv_heads, slots, head_dim), dtype, device) for _ in range(num_layers)]
+        self.store = lazy_zeros((2 * num_layers, kv_heads, slots, head_dim), dtype, device)
+        self.k = [self.store[2 * i] for i in range(num_layers)]
+        self.v = [self.store[2 * i + 1] for i in range(num_layers)]
         self._head_offsets = torch.arange(kv_heads, device=device).unsqueeze(1) * slots
+
+    def block_view(self) -> torch.Tensor:
+        """[num_blocks, 2 * layers * kv_heads, block_size * head_dim]: a strided view in which one index
+        along dim 0 addresses a whole block of every layer."""
+        planes, kv_heads, _, d = self.store.shape
+        return self.store.view(planes * kv_heads, self.num_blocks, self.block_size * d).transpose(0, 1)
 
     def rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Slot numbers [n] -> row numbers [kv_heads * n] of the flattened [kv_heads * slots, D] view."""
