@@ -29,6 +29,7 @@ QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 ATTENTION_MODES = ("auto", "kernel", "gather")
 COMPILE_MODES = ("off", "on")
 KV_COPY_UNITS = ("auto", "token", "block")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shape (model/dummy.py)
 
 
 @dataclass
@@ -39,6 +40,12 @@ class EngineConfig:
     model: str | None = flag(None, "an HF directory (`config.json`, `*.safetensors`, `tokenizer.json`, "
                              "`tokenizer_config.json`, `generation_config.json`) or a GGUF file",
                              metavar="PATH", type=str, shown_default="SmolLM2-135M-Instruct")
+    load_format: str = flag(
+        "auto", "`auto`: read the weights of `--model`. `dummy`: random weights of its shape, nothing read but "
+        "its config (vLLM's name), for benchmarks at sizes with no weights on disk; `--model` is then also "
+        "a config shipped with conserve (`llama-3.1-8b`, `qwen2.5-14b`, `smollm2-135m`) or a config.json "
+        "file, and the tokenizer is the model's own if it has one, else the default model's when installed "
+        "and its ids fit, else one token per byte", choices=list(LOAD_FORMATS))
     dtype: str = flag("auto", "`float32`, `bfloat16`, `float16`; `auto` = bfloat16 where the CPU has native bf16 "
                       "instructions (or on CUDA), else float32", choices=["auto", "float32", "bfloat16", "float16"])
     device: str = flag("cpu", "torch device, e.g. `cpu` or `cuda`")
@@ -184,6 +191,8 @@ class EngineConfig:
             raise ValueError(f"offline_kv must be one of {', '.join(OFFLINE_KV_MODES)}, got {self.offline_kv!r}")
         if self.safepoint_every < 1:
             raise ValueError(f"safepoint_every must be >= 1, got {self.safepoint_every}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.kv_copy_unit not in KV_COPY_UNITS:
             raise ValueError(f"kv_copy_unit must be one of {', '.join(KV_COPY_UNITS)}, got {self.kv_copy_unit!r}")
         if self.host_kv_cache_gb <= 0:

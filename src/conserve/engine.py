@@ -103,7 +103,7 @@ class Engine:
         self.config = config = config or EngineConfig(**kwargs)
         tune_malloc()
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.quantization,
-                            config.quant_max_tokens, config.kernel_cache_dir, config.compile)
+                            config.quant_max_tokens, config.kernel_cache_dir, config.compile, config.load_format)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         c = loaded.config
