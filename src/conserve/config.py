@@ -141,6 +141,12 @@ class EngineConfig:
         "objective, and is computed again later. `iteration`: it waits for the iteration to end",
         group="coserving", choices=list(PREEMPTION_MODES))
     safepoint_every: int = flag(1, "layers between safepoint checks", group="coserving")
+    safepoint_lookahead: int = flag(
+        1, "how many layers the host may issue ahead of the device in an iteration that can be stopped: the "
+        "runner records an event after each layer and waits for the one this many layers back, so a stop "
+        "lands within about this many + 1 layers of device time and safepoints read the device's progress "
+        "(CUDA; on CPU a layer is done when the host returns from it, so nothing waits). 0: no events, no "
+        "waits (the host runs ahead freely; stops are decided in host time)", group="coserving")
     offline_kv: str = flag(
         "checkpoint", "`checkpoint`: offline requests' new KV entries are copied to host memory after every "
         "iteration in the background, so preempting frees device blocks at once and resuming prefetches them; "
@@ -189,6 +195,8 @@ class EngineConfig:
             raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
         if self.offline_kv not in OFFLINE_KV_MODES:
             raise ValueError(f"offline_kv must be one of {', '.join(OFFLINE_KV_MODES)}, got {self.offline_kv!r}")
+        if self.safepoint_lookahead < 0:
+            raise ValueError(f"safepoint_lookahead must be >= 0, got {self.safepoint_lookahead}")
         if self.safepoint_every < 1:
             raise ValueError(f"safepoint_every must be >= 1, got {self.safepoint_every}")
         if self.load_format not in LOAD_FORMATS:

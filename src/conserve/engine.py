@@ -117,7 +117,8 @@ class Engine:
                                 loaded.model.dtype, loaded.model.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size)
         self.prompt_limits = PromptLimits(self.max_model_len, c.vocab_size, config.block_size, num_blocks)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, self._paged_kernel())
+        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, self._paged_kernel(),
+                                  config.safepoint_lookahead)
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
         if latency_model is not None:
@@ -284,7 +285,7 @@ class Engine:
         safepoint = None
         offline_only = not any(s.request.is_online for s in sched_out.scheduled)
         if self._layer_preemption and offline_only and self._suspended is None:
-            safepoint = self.preemption.safepoint(seen, 0, self.runner.num_layers)
+            safepoint = self.preemption.safepoint(seen, 0, self.runner.num_layers, self.runner.progress)
         result = self.runner.execute(sched_out, safepoint)
         if result.stopped_at_layer is not None:
             self._stopped(sched_out, result, time.perf_counter() - step_started, 0)
@@ -313,6 +314,7 @@ class Engine:
         if self.trace is not None:
             self.trace.record("stopped", sched_out, seconds, self.latency_model,
                               result.stopped_at_layer + 1 - first_layer)
+        self.runner.progress.finish()  # the arrival waits until the device has run the layers issued
         self.preemption.stopped()
         self.stats.on_partial(seconds)
         if self.config.preemption == "layer":
@@ -329,7 +331,8 @@ class Engine:
         started = time.perf_counter()
         safepoint = None
         if self._layer_preemption:
-            safepoint = self.preemption.safepoint(seen, suspended.next_layer, self.runner.num_layers)
+            safepoint = self.preemption.safepoint(seen, suspended.next_layer, self.runner.num_layers,
+                                                  self.runner.progress)
         first_layer = suspended.next_layer
         result = self.runner.resume(suspended, safepoint)
         if result.stopped_at_layer is not None:

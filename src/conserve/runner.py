@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conserve.layer_progress import LayerProgress, event_factory
 from conserve.model.attention import AttentionMetadata, KVCache, PrefillChunk
 from conserve.model.llama import ForwardState, LlamaModel
 from conserve.outputs import TokenLogprobs
@@ -39,11 +40,14 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0, paged_kernel: bool = False) -> None:
+    def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0, paged_kernel: bool = False,
+                 safepoint_lookahead: int = 1) -> None:
         self.model = model
         self.kv = kv
         self.paged_kernel = paged_kernel  # decodes read blocks in place (paged_kernel.py), else gather
         self.device = model.device
+        # Preemptible runs mark each layer, so safepoints see the device's progress (layer_progress.py).
+        self.progress = LayerProgress(event_factory(self.device), safepoint_lookahead)
         self.block_size = kv.block_size
         # Unseeded requests draw their generator seeds from here: reproducible per engine seed.
         self._seeds = torch.Generator().manual_seed(seed)
@@ -64,6 +68,8 @@ class ModelRunner:
                max_layers: int | None = None) -> RunnerOutput:
         """Run a suspended iteration on from its next layer (at most max_layers of them); sample when
         the last layer has run, else report where it stopped."""
+        if safepoint is not None:
+            safepoint = self._paced(safepoint)
         if not self.model.run_layers(suspended.state, suspended.meta, self.kv, safepoint, max_layers):
             return RunnerOutput(stopped_at_layer=suspended.next_layer - 1, suspended=suspended)
         hidden, sample_rows = suspended.state.hidden, suspended.sample_rows
@@ -78,6 +84,16 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[request.request_id] = lp
         return result
+
+    def _paced(self, safepoint: Callable[[int], bool]) -> Callable[[int], bool]:
+        progress = self.progress
+        progress.begin()
+
+        def check(layer: int) -> bool:
+            progress.layer_issued()  # the host stays within the lookahead of the device
+            return safepoint(layer)
+
+        return check
 
     def _prepare(self, ordered: list[ScheduledRequest]):
         bs = self.block_size
