@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conserve.flags import add_flags, flag, from_flags
 from conserve.kv.offload import OFFLINE_KV_MODES
+from conserve.kv.sizing import DEFAULT_GPU_MEMORY_UTILIZATION
 from conserve.preemption import PREEMPTION_MODES
 from conserve.sched.config import POLICIES, SchedulerConfig
 
@@ -83,9 +84,16 @@ class EngineConfig:
     int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
                             "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "
-                                    "available at start (80% of free GPU memory on CUDA), no more than "
-                                    "`--max-num-seqs` full-length sequences can use; its pages are committed "
-                                    "as blocks are first used", type=gib_or_auto)
+                                    "available at start on CPU (on CUDA: `--gpu-memory-utilization`), no more "
+                                    "than `--max-num-seqs` full-length sequences can use; its pages are "
+                                    "committed as blocks are first used", type=gib_or_auto)
+    gpu_memory_utilization: float = flag(
+        DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA only (vLLM's name and meaning): the fraction of the GPU's total "
+        "memory this engine may use. With `--kv-cache-gb auto` the KV cache gets that share less what is in "
+        "use once the weights are loaded (weights, other processes) and an estimate of the activations of the "
+        "largest iteration (`--max-num-batched-tokens` / `--max-offline-batched-tokens` tokens, `--max-num-seqs` "
+        "sampled rows); start-up fails with the numbers if nothing is left. Ignored on CPU, where `auto` takes "
+        "25% of the available host memory")
     num_kv_blocks: int | None = flag(None, "KV cache size in blocks (overrides `--kv-cache-gb`)", type=int)
     block_size: int = flag(16, "tokens per KV block")
     max_model_len: int | None = flag(None, "longest prompt + output; longer prompts are rejected, never truncated. "
@@ -168,6 +176,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kv_cache_gb != "auto" and not (isinstance(self.kv_cache_gb, (int, float)) and self.kv_cache_gb > 0):
             raise ValueError(f"kv_cache_gb must be > 0 or 'auto', got {self.kv_cache_gb!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

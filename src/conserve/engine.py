@@ -22,10 +22,11 @@ from conserve.kv.offload import Offloader
 from conserve.iteration_trace import IterationTrace
 from conserve.kv.sizing import (
     AUTO_CPU_FRACTION,
-    AUTO_GPU_FRACTION,
+    activation_bytes,
     auto_kv_bytes,
     available_host_bytes,
     fit_max_model_len,
+    gpu_kv_bytes,
     num_blocks_for,
 )
 from conserve.malloc_tuning import tune_malloc
@@ -158,9 +159,8 @@ class Engine:
         if config.kv_cache_gb != "auto":
             return num_blocks_for(config.kv_cache_gb * 2**30, bytes_per_block)
         if torch.device(config.device).type == "cuda":
-            free, fraction = torch.cuda.mem_get_info(torch.device(config.device))[0], AUTO_GPU_FRACTION
-        else:
-            free, fraction = available_host_bytes(), AUTO_CPU_FRACTION
+            return num_blocks_for(self._gpu_kv_bytes(bytes_per_block, max_model_len), bytes_per_block)
+        free, fraction = available_host_bytes(), AUTO_CPU_FRACTION
         if free is None:
             log.warning("cannot tell how much memory is free: KV cache of 1 GiB (set --kv-cache-gb)")
             return num_blocks_for(2**30, bytes_per_block)
@@ -169,6 +169,23 @@ class Engine:
         log.info("KV cache sized from free memory: %.0f%% of %.1f GiB free, at most %d sequences of %d tokens",
                  100 * fraction, free / 2**30, config.max_num_seqs, max_model_len)
         return num_blocks_for(kv_bytes, bytes_per_block)
+
+    def _gpu_kv_bytes(self, bytes_per_block: int, max_model_len: int) -> int:
+        """--gpu-memory-utilization: the KV cache's share of the device, as vLLM sizes it."""
+        config, c = self.config, self.loaded.config
+        device = torch.device(config.device)
+        free, total = torch.cuda.mem_get_info(device)
+        dtype_bytes = torch.tensor([], dtype=self.loaded.model.dtype).element_size()
+        activations = activation_bytes(c.hidden_size, c.intermediate_size, c.q_size + 2 * c.kv_size, c.vocab_size,
+                                       max(config.max_num_batched_tokens, config.max_offline_batched_tokens),
+                                       config.max_num_seqs, dtype_bytes)
+        kv = gpu_kv_bytes(total, config.gpu_memory_utilization, total - free, activations)
+        # No more than max_num_seqs full-length sequences can use.
+        kv = min(kv, bytes_per_block / config.block_size * max_model_len * config.max_num_seqs)
+        log.info("KV cache sized by --gpu-memory-utilization %g: %.1f GiB of %.1f GiB total (%.1f GiB in use, "
+                 "~%.1f GiB for activations)", config.gpu_memory_utilization, kv / 2**30, total / 2**30,
+                 (total - free) / 2**30, activations / 2**30)
+        return int(kv)
 
     def _build_offloader(self, bytes_per_block: int) -> Offloader | None:
         config = self.config
