@@ -27,7 +27,7 @@ _S = SchedulerConfig  # the scheduler's own defaults, written once there
 
 # Weight-only quantised matmuls (model/quant.py says what each mode quantises).
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
-ATTENTION_MODES = ("auto", "kernel", "gather")
+ATTENTION_MODES = ("auto", "kernel", "flex", "gather")
 COMPILE_MODES = ("off", "on")
 KV_COPY_UNITS = ("auto", "token", "block")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shape (model/dummy.py)
@@ -79,8 +79,11 @@ class EngineConfig:
         "auto", "decode attention over the paged KV cache. `kernel`: a C++ kernel reads each request's KV "
         "blocks in place through its block table (CPU; built with the system C++ compiler at first start, "
         "~5-10 s, then cached in `--kernel-cache-dir`), so one long context costs only its own reads. "
-        "`gather`: copy every decode context, padded to the longest, each layer. `auto`: the kernel where it "
-        "builds, else gather", choices=list(ATTENTION_MODES))
+        "`gather`: copy every decode context, padded to the longest, each layer. `auto`: on CPU the kernel where it "
+        "builds, else gather; on CUDA `flex` where it compiles and agrees with plain attention at start, "
+        "else gather. `flex`: FlexAttention reads each request's blocks in place through a block mask "
+        "built per step (CUDA: compiled to a Triton kernel; CPU: eager, materialising scores, for "
+        "checking only)", choices=list(ATTENTION_MODES))
     int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
                             "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "

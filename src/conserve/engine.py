@@ -31,7 +31,8 @@ from conserve.kv.sizing import (
 )
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
-from conserve.model import paged_kernel
+from conserve.model import flex_paged, paged_kernel
+from conserve.model.flex_paged import FlexDecode
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.preemption import LayerPreemption
@@ -118,12 +119,13 @@ class Engine:
                                 loaded.model.dtype, loaded.model.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size)
         self.prompt_limits = PromptLimits(self.max_model_len, c.vocab_size, config.block_size, num_blocks)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, self._paged_kernel(),
-                                  config.safepoint_lookahead)
+        flex = self._flex_decode()
+        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, flex is None and self._paged_kernel(),
+                                  config.safepoint_lookahead, flex)
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
         if latency_model is not None:
-            latency_model.padded_decode = not self.runner.paged_kernel
+            latency_model.padded_decode = not (self.runner.paged_kernel or self.runner.flex)
         self.latency_model = latency_model
         self.offload = self._build_offloader(per_block)
         sched_config = config.scheduler_config(self.max_model_len, c.num_layers)
@@ -144,9 +146,21 @@ class Engine:
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                  num_blocks * per_block / 2**30)
 
+    def _flex_decode(self) -> FlexDecode | None:
+        """FlexAttention for decodes: with --attention flex, or auto on CUDA where it compiles and agrees."""
+        mode, device = self.config.attention, self.loaded.model.device
+        if mode != "flex" and (mode != "auto" or device.type != "cuda"):
+            return None
+        flex = FlexDecode(device) if flex_paged.available() else None
+        if flex is not None and flex.works(self.loaded.model.dtype):
+            return flex
+        if mode == "flex":
+            raise RuntimeError("--attention flex: FlexAttention cannot run here (see the log)")
+        return None
+
     def _paged_kernel(self) -> bool:
         mode = self.config.attention
-        if mode == "gather" or self.loaded.model.device.type != "cpu":
+        if mode in ("gather", "flex") or self.loaded.model.device.type != "cpu":
             return False
         if not paged_kernel.load(self.config.kernel_cache_dir) and mode == "kernel":
             raise RuntimeError("--attention kernel: the paged-attention kernel could not be built (see the log)")

@@ -3,12 +3,14 @@ safepoint between them) and samples. It decides nothing: what to run comes from 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from conserve.layer_progress import LayerProgress, event_factory
+from conserve.model.flex_paged import FlexDecode
 from conserve.model.attention import AttentionMetadata, KVCache, PrefillChunk
 from conserve.model.llama import ForwardState, LlamaModel
 from conserve.outputs import TokenLogprobs
@@ -43,10 +45,11 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0, paged_kernel: bool = False,
-                 safepoint_lookahead: int = 1) -> None:
+                 safepoint_lookahead: int = 1, flex: FlexDecode | None = None) -> None:
         self.model = model
         self.kv = kv
         self.paged_kernel = paged_kernel  # decodes read blocks in place (paged_kernel.py), else gather
+        self.flex = flex  # or in place through FlexAttention (flex_paged.py)
         self.device = model.device
         self.uploads = Uploader(self.device)
         # Preemptible runs mark each layer, so safepoints see the device's progress (layer_progress.py).
@@ -122,7 +125,9 @@ class ModelRunner:
         input_ids, positions, slot_t, sample_index = self.uploads.upload([ids, pos, slots,
                                                                            [r for r, _ in sample_rows]])
         meta = AttentionMetadata(self.kv.rows(slot_t), len(decodes), None, None, self._prefill_chunks(prefills))
-        if decodes and self.paged_kernel:
+        if decodes and self.flex is not None:
+            self._decode_flex(decodes, meta)
+        elif decodes and self.paged_kernel:
             self._decode_tables(decodes, meta)
         elif decodes:
             meta.decode_slots, meta.decode_bias = self._decode_context(decodes)
@@ -147,16 +152,25 @@ class ModelRunner:
             chunks.append(PrefillChunk(row, row + n, self.kv.rows(context), mask))
         return chunks
 
-    def _decode_tables(self, decodes: list[ScheduledRequest], meta: AttentionMetadata) -> None:
-        bs = self.block_size
+    def _block_tables(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decodes' block tables [B, blocks of the longest] (padded with 0) and context lengths [B]."""
         lengths = [s.start + 1 for s in decodes]
-        width = -(-max(lengths) // bs)
+        width = -(-max(lengths) // self.block_size)
         rows = [b for s in decodes for b in (s.block_table[:width] + [0] * width)[:width]]
         tables, lens = self.uploads.upload([rows, lengths])
-        meta.decode_tables = tables.view(len(decodes), width).to(torch.int32)
+        return tables.view(len(decodes), width), lens
+
+    def _decode_tables(self, decodes: list[ScheduledRequest], meta: AttentionMetadata) -> None:
+        tables, lens = self._block_tables(decodes)
+        meta.decode_tables = tables.to(torch.int32)
         meta.decode_rows = torch.arange(len(decodes), dtype=torch.int32, device=self.device)
         meta.decode_lens = lens.to(torch.int32)
-        meta.block_size = bs
+        meta.block_size = self.block_size
+
+    def _decode_flex(self, decodes: list[ScheduledRequest], meta: AttentionMetadata) -> None:
+        tables, lens = self._block_tables(decodes)
+        flex_meta = self.flex.metadata(tables, lens, self.kv.num_blocks, self.block_size, self.model.config.head_dim)
+        meta.flex_decode = functools.partial(self.flex, meta=flex_meta)
 
     def _decode_context(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         bs, dev = self.block_size, self.device

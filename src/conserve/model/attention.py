@@ -10,15 +10,16 @@ batched matmuls consume without another copy. Gathers and writes index the flatt
 [kv_heads * slots, head_dim] view along dim 0 (index_select along an inner dim is ~4x slower on CPU);
 the runner expands slot numbers into such head-major row numbers once per iteration.
 
-Decode attention has two paths. With the CPU kernel (paged_kernel.py) it reads each request's
-blocks in place through its block table, so a long context costs only its own reads. Without it
-(no compiler, or a CUDA device), decodes gather their contexts padded to the longest one and run
-two batched matmuls. Prefill chunks gather their own context (no padding: the copy is a small part
+Decode attention has three paths. With the CPU kernel (paged_kernel.py), or FlexAttention on CUDA
+(flex_paged.py), it reads each request's blocks in place through its block table, so a long context
+costs only its own reads. Without them, decodes gather their contexts padded to the longest one and
+run two batched matmuls. Prefill chunks gather their own context (no padding: the copy is a small part
 of the chunk's work) for the flash kernel of scaled_dot_product_attention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [B]: 0..B-1
     decode_lens: torch.Tensor | None = None  # [B]
     block_size: int = 0
+    # FlexAttention's path instead (flex_paged.py): attend(q, k_cache, v_cache) -> decode outputs.
+    flex_decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class KVCache:
@@ -93,7 +96,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     nd = meta.num_decodes
     decoded = None
     if nd:
-        if meta.decode_tables is not None:
+        if meta.flex_decode is not None:
+            decoded = meta.flex_decode(q[:nd], k_cache, v_cache)
+        elif meta.decode_tables is not None:
             decoded = torch.ops.conserve.paged_attention(q[:nd], k_cache, v_cache, meta.decode_tables,
                                                          meta.decode_rows, meta.decode_lens, meta.block_size,
                                                          d ** -0.5)
