@@ -47,7 +47,7 @@ def test_a_config_file_loads_with_deterministic_random_weights_and_a_byte_level_
     assert torch.isfinite(logits(a, [1, 2, 3])).all()
 
 
-def test_a_dummy_model_generates_finite_context_dependent_text(tiny_config):
+def test_a_dummy_model_generates_context_dependent_text_its_tokenizer_can_decode(tiny_config):
     engine = Engine(EngineConfig(model=str(tiny_config), load_format="dummy", dtype="float32", scheduler="fcfs",
                                  kv_cache_gb=0.01))
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -59,6 +59,8 @@ def test_a_dummy_model_generates_finite_context_dependent_text(tiny_config):
             if o.finished:
                 outputs[o.request_id] = o.outputs[0].token_ids
     assert all(len(t) == 6 for t in outputs.values()) and outputs["a"] != outputs["b"]
+    # Only ids its tokenizer can decode (vocabulary 300, byte-level tokenizer 258).
+    assert all(t < engine.tokenizer.vocab_size for ids in outputs.values() for t in ids)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

