@@ -40,7 +40,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
     banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
     if banned:
         at_rows, at_tokens = uploads.upload([[i for i, _ in banned], [t for _, t in banned]])
-        logits = logits.index_put((at_rows, at_tokens), logits.new_tensor(float("-inf")))
+        # The value is filled on the device: a Python scalar would be copied from pageable memory.
+        logits = logits.index_put((at_rows, at_tokens), torch.full((), float("-inf"), device=logits.device))
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
