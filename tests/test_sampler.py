@@ -7,7 +7,7 @@ import torch
 
 from conserve.config import EngineConfig
 from conserve.engine import Engine
-from conserve.sampler import SamplingRow, exponential_noise, sample
+from conserve.sampler import SamplingRow, sample, uniform
 from conserve.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -51,9 +51,13 @@ def test_every_row_keeps_to_its_own_filters():
     assert int(x[0].argmax()) not in tokens[3::4]
 
 
-def test_the_noise_is_exponential_and_samples_follow_the_probabilities():
-    noise = exponential_noise(torch.arange(200), torch.zeros(200, dtype=torch.long), 5000)
-    assert abs(noise.mean().item() - 1.0) < 0.01 and abs(noise.var().item() - 1.0) < 0.02
+def test_the_draws_are_uniform_and_samples_follow_the_probabilities():
+    seeds = torch.arange(100_000)
+    u = uniform(seeds, seeds % 7)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert not torch.equal(uniform(seeds[:5], torch.zeros(5, dtype=torch.long)),
+                           uniform(seeds[:5], torch.ones(5, dtype=torch.long)))
     p = torch.tensor([0.5, 0.3, 0.2] + [0.0] * (VOCAB - 3))
     tokens = sample(p.log().repeat(3000, 1), [row(s) for s in range(3000)])[0]
     freq = torch.bincount(torch.tensor(tokens), minlength=3)[:3].float() / 3000

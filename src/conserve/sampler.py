@@ -4,9 +4,10 @@ Every step is one batched computation over the rows that need it: the parameters
 which steps run at all is decided from the parameters on the host (never from device values, which
 would make the host wait). The one sync is the final `tolist()` of the tokens.
 
-Randomness is counter-based: a row's noise is a hash of (its request's seed, the position of the
-token being sampled, the token id), so a seeded request draws the same tokens whatever else shares
-the batch, with no per-row generator and no per-row kernel.
+Randomness is counter-based: each row draws one uniform number, a hash of (its request's seed, the
+position of the token being sampled), and takes the token where it falls in the row's cumulative
+distribution. A seeded request draws the same tokens whatever else shares the batch, with no per-row
+generator, no per-row kernel and one random number per row (not per vocabulary entry).
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow], uploads: Uploa
         probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
     if any(p.min_p > 0 for p in params):
         probs = probs.masked_fill(probs < min_ps.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values, 0.0)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
-    return (probs / exponential_noise(seeds, positions, vocab)).argmax(dim=-1)
+    # Inverse CDF: the first token whose cumulative probability passes u x total (float64 sums: exact
+    # enough that only a zero-probability token could be skipped, never chosen).
+    cdf = probs.double().cumsum(dim=-1)
+    target = (uniform(seeds, positions) * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab - 1)
 
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,12 +93,10 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[N, vocab] float32 draws of Exp(1), a function of (seed, position, token id) only."""
-    row = _mix(seeds * _GOLDEN + positions)
-    z = _mix(row.unsqueeze(1) + (torch.arange(vocab, device=seeds.device) + 1) * _GOLDEN)
-    uniform = (_shr(z, 40).float() + 0.5) * 2.0**-24  # 24 random bits, in (0, 1)
-    return -uniform.log()
+def uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[N] float64 draws in (0, 1), a function of (seed, position) only."""
+    z = _mix(_mix(seeds * _GOLDEN + 1) + positions * _GOLDEN)
+    return (_shr(z, 11).double() + 0.5) * 2.0**-53  # 53 random bits
 
 
 def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], tokens: list[int],
