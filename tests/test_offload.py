@@ -13,6 +13,7 @@ import random
 
 import pytest
 
+from conserve.kv.copy_job import CopyJob
 from conserve.kv.host_kv_manager import HostKVManager
 from conserve.kv.kv_manager import KVCacheManager
 from conserve.kv.offload import Offloader
@@ -27,8 +28,9 @@ BS = 4
 
 
 class FakeCopier:
-    def __init__(self, device, host, lag, shuffled=False):
+    def __init__(self, device, host, lag, shuffled=False, whole_blocks=False):
         self.device, self.host, self.lag = device, host, lag
+        self.whole_blocks = whole_blocks  # copy every slot of the blocks touched, as the block copier does
         self.rng = random.Random(11) if shuffled else None
         self.queue = []  # [job, polls seen]
 
@@ -41,7 +43,8 @@ class FakeCopier:
                 self._complete(dep)
         self.queue = [e for e in self.queue if e[0] is not job]
         for seg in job.segments:
-            for p in range(seg.start, seg.end):
+            span = seg.block_span(BS)
+            for p in range(span.start * BS, span.stop * BS) if self.whole_blocks else range(seg.start, seg.end):
                 d = seg.device_blocks[p // BS] * BS + p % BS
                 h = seg.host_blocks[p // BS] * BS + p % BS
                 if job.kind == "checkpoint":
@@ -76,7 +79,7 @@ class Harness:
     def __init__(self, mode, device_blocks=40, host_blocks=400, lag=3, shuffled=False, whole_blocks=False):
         self.device, self.host = {}, {}
         self.kv = KVCacheManager(device_blocks, BS)
-        self.copier = FakeCopier(self.device, self.host, lag, shuffled)
+        self.copier = FakeCopier(self.device, self.host, lag, shuffled, whole_blocks)
         self.offload = None
         if mode != "recompute":
             self.offload = Offloader(mode, HostKVManager(host_blocks, BS), self.kv, self.copier, bytes_per_token=10,
@@ -213,38 +216,46 @@ def test_only_a_landed_contiguous_prefix_of_the_checkpoint_is_resumable():
     h.copier.wait(first)
     h.offload.poll()
     assert h.offload.resumable_tokens(off) == 12
-    decode_until(h, off, 14)
-    second, third = h.offload._in_flight  # [12, 13) and [13, 14)
-    h.copier.wait(third)  # the later one lands first
+    decode_until(h, off, 17)
+    *block3, last = h.offload._in_flight  # [12, 13) ... [15, 16) in host block 3, [16, 17) in block 4
+    assert last.after == []  # a different block: nothing orders it
+    h.copier.wait(last)  # the later one lands first
     h.offload.poll()
-    assert h.offload.resumable_tokens(off) == 12  # position 12 is not on the host yet
-    h.copier.wait(second)
+    assert h.offload.resumable_tokens(off) == 12  # positions 12-15 are not on the host yet
+    h.copier.wait(block3[-1])
     h.offload.poll()
-    assert h.offload.resumable_tokens(off) == 14
+    assert h.offload.resumable_tokens(off) == 17
 
 
-def test_a_prefetch_is_ordered_after_checkpoints_writing_the_host_blocks_it_reads():
+def test_a_copy_is_ordered_after_copies_in_flight_on_the_same_host_blocks():
     h = Harness("checkpoint", lag=10**9, shuffled=True)
     off = req("off", 10, 8, RequestClass.OFFLINE)
     h.sched.add_request(off)
     decode_until(h, off, 10)
-    h.copier.wait(h.offload._in_flight[0])  # [0, 10) landed: host blocks 0-2, the last one partly
-    h.offload.poll()
+    first = h.offload._in_flight[0]  # [0, 10): host blocks 0-2, the last one partly
     decode_until(h, off, 11)
-    tail = h.offload._in_flight[0]  # [10, 11): the same host block 2
+    tail = h.offload._in_flight[1]  # [10, 11): the same host block 2
+    assert tail.after == [first]
+    h.copier.wait(tail)  # the device runs the earlier copy first
+    assert first.done.is_set()
+    h.offload.poll()
     h.offload.prefetch(off, 10)
-    assert off.prefetch_job.after == [tail]
-    h.copier.wait(off.prefetch_job)
-    assert tail.done.is_set()
+    reader = off.prefetch_job
+    assert reader.after == []  # nothing in flight on its blocks any more
+    writer = CopyJob("checkpoint", [h.offload._segment(off, 10, 11)])
+    h.offload._submit(writer)
+    assert writer.after == [reader]  # no write under a read in flight
 
 
-def test_whole_blocks_checkpoint_only_full_blocks():
+def test_whole_blocks_checkpoint_full_blocks_and_the_partial_one_at_preemption():
     h = Harness("checkpoint", lag=0, whole_blocks=True)
     off = req("off", 10, 8, RequestClass.OFFLINE)
     h.sched.add_request(off)
     decode_until(h, off, 10)
     h.offload.poll()
     assert off.num_checkpoint_issued == 8 and h.offload.resumable_tokens(off) == 8
-    decode_until(h, off, 12)
+    h.offload.on_preempt(off, h.sched.evictable)  # the partial block [8, 10) goes too
+    assert off.num_checkpoint_issued == 10
     h.offload.poll()
-    assert h.offload.resumable_tokens(off) == 12
+    h.offload.poll()
+    assert h.offload.resumable_tokens(off) == 10

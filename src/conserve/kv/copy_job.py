@@ -33,7 +33,7 @@ class CopyJob:
     device_refs: list[int] = field(default_factory=list)
     host_refs: list[int] = field(default_factory=list)
     num_bytes: int = 0
-    # Checkpoint jobs still in flight that write host blocks this prefetch reads: it is queued after them.
+    # Jobs still in flight on the same host blocks (not two reads): this one is queued after them.
     after: list[CopyJob] = field(default_factory=list, repr=False)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     error: BaseException | None = None

@@ -10,8 +10,14 @@ done by a torch `Copier`, handed in).
 
 Copies complete late and in any order (on a GPU the host learns it from events). So host rows count
 as resumable only once their copy is known complete, and only as a contiguous prefix: a later
-segment landing first does not make the one before it readable. With whole_blocks (the block copier)
-only full blocks are checkpointed, each once; a resume recomputes the partial last block.
+segment landing first does not make the one before it readable. And a job is ordered after the jobs
+in flight that touch the same host blocks (CopyJob.after; two reads need no order), so a block is
+never read or written while another copy still writes it.
+
+With whole_blocks (the block copier) a copy moves whole blocks: after an iteration only the blocks
+that became full are checkpointed; at preemption the partial last block is copied too (so a resume
+recomputes nothing, and outputs do not depend on recomputed numerics), and copied again, whole, once
+it is full.
 """
 
 from __future__ import annotations
@@ -69,16 +75,18 @@ class Offloader:
 
     def on_preempt(self, request: Request, evictable: Callable[[], Iterable[Request]]) -> None:
         """Before the request's device blocks are freed. Copies still in flight complete first (they
-        hold their blocks); swap copies everything now and waits."""
+        hold their blocks); what is not yet copied is copied now (whole_blocks: the partial last
+        block), and swap waits for it."""
         request.prefetch_job = None  # an unfinished prefetch is abandoned (its blocks stay held)
-        if self.mode == "swap":
-            start, end = request.num_checkpoint_issued, self._checkpointable(request.num_computed_tokens)
+        if self.mode == "swap" or self.whole_blocks:
+            start, end = request.num_checkpoint_issued, request.num_computed_tokens
             if end > start and self.host.reserve(request, end, evictable):
                 job = CopyJob("checkpoint", [self._segment(request, start, end)])
                 request.num_checkpoint_issued = end
                 self._submit(job)
-                self.copier.wait(job)
-                self.poll()
+                if self.mode == "swap":
+                    self.copier.wait(job)
+                    self.poll()
 
     # -- copies back ---------------------------------------------------------------------------
     def resumable_tokens(self, request: Request) -> int:
@@ -87,14 +95,8 @@ class Offloader:
 
     def prefetch(self, request: Request, num_tokens: int) -> None:
         """The request's device table already holds num_tokens (at most its landed checkpoint); fill it
-        from the host. The request stays unrunnable until poll() sees the copy complete. A checkpoint
-        still in flight that writes one of the host blocks read (the shared partial block of a
-        token-granular checkpoint) is named in `after`: the copier queues the prefetch behind it."""
-        seg = self._segment(request, 0, num_tokens)
-        job = CopyJob("prefetch", [seg])
-        span = seg.block_span(self.device.block_size)
-        reads = set(seg.host_blocks[span.start:span.stop])
-        job.after = [j for j in self._in_flight if j.kind == "checkpoint" and reads.intersection(j.host_refs)]
+        from the host. The request stays unrunnable until poll() sees the copy complete."""
+        job = CopyJob("prefetch", [self._segment(request, 0, num_tokens)])
         request.prefetch_job = job
         self._submit(job)
         if self.mode == "swap":
@@ -177,6 +179,11 @@ class Offloader:
             span = seg.block_span(bs)
             job.device_refs += seg.device_blocks[span.start:span.stop]
             job.host_refs += seg.host_blocks[span.start:span.stop]
+        # After the copies in flight on the same host blocks: a partial block is copied again once full
+        # (whole_blocks), and a token-granular checkpoint shares its partial block with the next one.
+        touched = set(job.host_refs)
+        job.after = [j for j in self._in_flight if (job.kind, j.kind) != ("prefetch", "prefetch")
+                     and touched.intersection(j.host_refs)]
         self.device.pool.share(job.device_refs)
         self.host.pool.share(job.host_refs)
         job.num_bytes = job.num_tokens * self.bytes_per_token
