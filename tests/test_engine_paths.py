@@ -1,5 +1,6 @@
-"""The faster paths change no float32 result: the compiled layer body (`--compile on`) and the padded
-gather (`--attention gather`) give the greedy tokens of the default engine (eager layer body, paged
+"""The faster paths change no float32 result: the compiled layer body (`--compile on`), the padded
+gather (`--attention gather`) and FlexAttention's paged decode (`--attention flex`, CUDA's path, eager
+here) give the greedy tokens of the default engine (eager layer body, paged
 kernel), which test_model_numerics holds to HF transformers. Prompts of mixed lengths are batched and
 chunked, so decodes of short and long contexts share iterations."""
 
@@ -24,7 +25,8 @@ def reference(llm_fp32):
     return capture_logits(llm_fp32, PROMPTS, PARAMS)
 
 
-@pytest.mark.parametrize("kwargs", [{"compile": "on"}, {"attention": "gather"}], ids=["compiled", "gather"])
+@pytest.mark.parametrize("kwargs", [{"compile": "on"}, {"attention": "gather"}, {"attention": "flex"}],
+                         ids=["compiled", "gather", "flex"])
 def test_path_matches_default(reference, kwargs):
     ref_outs, ref_logits = reference
     llm = variant(**kwargs)
@@ -32,6 +34,7 @@ def test_path_matches_default(reference, kwargs):
         assert type(llm.engine.runner.model.body).__name__ == "CompiledLayerBody"
     else:
         assert not llm.engine.runner.paged_kernel
+        assert (llm.engine.runner.flex is not None) == (kwargs["attention"] == "flex")
     outs, logits = capture_logits(llm, PROMPTS, PARAMS)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref_outs]
     assert len(logits) == len(ref_logits)

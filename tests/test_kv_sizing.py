@@ -4,7 +4,14 @@ import logging
 
 import pytest
 
-from conserve.kv.sizing import KVCapacityError, auto_kv_bytes, available_host_bytes, fit_max_model_len
+from conserve.kv.sizing import (
+    KVCapacityError,
+    activation_bytes,
+    auto_kv_bytes,
+    available_host_bytes,
+    fit_max_model_len,
+    gpu_kv_bytes,
+)
 
 
 def test_auto_size_takes_a_share_of_free_memory_capped_by_what_sequences_can_use():
@@ -12,6 +19,18 @@ def test_auto_size_takes_a_share_of_free_memory_capped_by_what_sequences_can_use
                          max_num_seqs=1024) == 2 << 30
     assert auto_kv_bytes(free_bytes=8 << 30, fraction=0.25, bytes_per_token=1000, max_model_len=100,
                          max_num_seqs=4) == 400_000
+
+
+def test_gpu_memory_utilization_leaves_the_kv_cache_its_share_less_weights_and_activations():
+    gib = 1 << 30
+    # An 80 GiB GPU at 0.9: 72 GiB for the engine; 16 GiB of weights in use, 2 GiB of activations.
+    assert gpu_kv_bytes(80 * gib, 0.9, 16 * gib, 2 * gib) == 54 * gib
+    with pytest.raises(KVCapacityError, match="gpu-memory-utilization 0.2"):
+        gpu_kv_bytes(80 * gib, 0.2, 16 * gib, 2 * gib)
+    # Llama-3.1-8B shapes, 8192 tokens, 256 sampled rows, bfloat16: a few GiB, growing with both.
+    act = activation_bytes(4096, 14336, 6144, 128256, 8192, 256, 2)
+    assert 1 * gib < act < 4 * gib
+    assert activation_bytes(4096, 14336, 6144, 128256, 16384, 256, 2) > act
 
 
 def test_available_host_memory_is_known_on_linux():

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from conserve.flags import Flagged, flag
 from conserve.kv.offload import OFFLINE_KV_MODES
+from conserve.kv.sizing import DEFAULT_GPU_MEMORY_UTILIZATION
 from conserve.preemption import PREEMPTION_MODES
 from conserve.sched.config import POLICIES, SchedulerConfig
 
@@ -27,8 +28,10 @@ _S = SchedulerConfig  # the scheduler's own defaults, written once there
 
 # Weight-only quantised matmuls (model/quant.py says what each mode quantises).
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
-ATTENTION_MODES = ("auto", "kernel", "gather")
+ATTENTION_MODES = ("auto", "kernel", "flex", "gather")
 COMPILE_MODES = ("off", "on")
+KV_COPY_UNITS = ("auto", "token", "block")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shape (model/dummy.py)
 
 
 @dataclass
@@ -41,6 +44,12 @@ class EngineConfig(Flagged):
     model: str | None = flag(None, "an HF directory (`config.json`, `*.safetensors`, `tokenizer.json`, "
                              "`tokenizer_config.json`, `generation_config.json`) or a GGUF file",
                              metavar="PATH", type=str, shown_default="SmolLM2-135M-Instruct")
+    load_format: str = flag(
+        "auto", "`auto`: read the weights of `--model`. `dummy`: random weights of its shape, nothing read but "
+        "its config (vLLM's name), for benchmarks at sizes with no weights on disk; `--model` is then also "
+        "a config shipped with conserve (`llama-3.1-8b`, `qwen2.5-14b`, `smollm2-135m`) or a config.json "
+        "file, and the tokenizer is the model's own if it has one, else the default model's when installed "
+        "and its ids fit, else one token per byte", choices=list(LOAD_FORMATS))
     dtype: str = flag("auto", "`float32`, `bfloat16`, `float16`; `auto` = bfloat16 where the CPU has native bf16 "
                       "instructions (or on CUDA), else float32", choices=["auto", "float32", "bfloat16", "float16"])
     device: str = flag("cpu", "torch device, e.g. `cpu` or `cuda`")
@@ -73,14 +82,24 @@ class EngineConfig(Flagged):
         "auto", "decode attention over the paged KV cache. `kernel`: a C++ kernel reads each request's KV "
         "blocks in place through its block table (CPU; built with the system C++ compiler at first start, "
         "~5-10 s, then cached in `--kernel-cache-dir`), so one long context costs only its own reads. "
-        "`gather`: copy every decode context, padded to the longest, each layer. `auto`: the kernel where it "
-        "builds, else gather", choices=list(ATTENTION_MODES))
+        "`gather`: copy every decode context, padded to the longest, each layer. `auto`: on CPU the kernel where it "
+        "builds, else gather; on CUDA `flex` where it compiles and agrees with plain attention at start, "
+        "else gather. `flex`: FlexAttention reads each request's blocks in place through a block mask "
+        "built per step (CUDA: compiled to a Triton kernel; CPU: eager, materialising scores, for "
+        "checking only)", choices=list(ATTENTION_MODES))
     int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
                             "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "
-                                    "available at start (80% of free GPU memory on CUDA), no more than "
-                                    "`--max-num-seqs` full-length sequences can use; its pages are committed "
-                                    "as blocks are first used", type=gib_or_auto)
+                                    "available at start on CPU (on CUDA: `--gpu-memory-utilization`), no more "
+                                    "than `--max-num-seqs` full-length sequences can use; its pages are "
+                                    "committed as blocks are first used", type=gib_or_auto)
+    gpu_memory_utilization: float = flag(
+        DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA only (vLLM's name and meaning): the fraction of the GPU's total "
+        "memory this engine may use. With `--kv-cache-gb auto` the KV cache gets that share less what is in "
+        "use once the weights are loaded (weights, other processes) and an estimate of the activations of the "
+        "largest iteration (`--max-num-batched-tokens` / `--max-offline-batched-tokens` tokens, `--max-num-seqs` "
+        "sampled rows); start-up fails with the numbers if nothing is left. Ignored on CPU, where `auto` takes "
+        "25% of the available host memory")
     num_kv_blocks: int | None = flag(None, "KV cache size in blocks (overrides `--kv-cache-gb`)", type=int)
     block_size: int = flag(16, "tokens per KV block")
     max_model_len: int | None = flag(None, "longest prompt + output; longer prompts are rejected, never truncated. "
@@ -136,6 +155,12 @@ class EngineConfig(Flagged):
         "objective, and is computed again later. `iteration`: it waits for the iteration to end",
         group="coserving", choices=list(PREEMPTION_MODES))
     safepoint_every: int = flag(1, "layers between safepoint checks", group="coserving")
+    safepoint_lookahead: int = flag(
+        1, "how many layers the host may issue ahead of the device in an iteration that can be stopped: the "
+        "runner records an event after each layer and waits for the one this many layers back, so a stop "
+        "lands within about this many + 1 layers of device time and safepoints read the device's progress "
+        "(CUDA; on CPU a layer is done when the host returns from it, so nothing waits). 0: no events, no "
+        "waits (the host runs ahead freely; stops are decided in host time)", group="coserving")
     offline_kv: str = flag(
         "checkpoint", "`checkpoint`: offline requests' new KV entries are copied to host memory after every "
         "iteration in the background, so preempting frees device blocks at once and resuming prefetches them; "
@@ -144,6 +169,12 @@ class EngineConfig(Flagged):
     iteration_trace: str | None = flag(None, "append one JSON line per model run (time, duration, the latency "
                                        "model's prediction, tokens by class, context) to this file: where time "
                                        "goes when co-serving", type=str, metavar="PATH")
+    kv_copy_unit: str = flag(
+        "auto", "how KV moves between the device and the host tier. `block`: whole blocks, asynchronously "
+        "(one gather of every layer's blocks and one copy per run of host blocks, on a side stream on CUDA, "
+        "done when its event completes); only full blocks are checkpointed, so a resume recomputes at most "
+        "the partial last block. `token`: each computed token once, on the engine thread (synchronous). "
+        "`auto`: `block` on CUDA, `token` on CPU", group="coserving", choices=list(KV_COPY_UNITS))
     host_kv_cache_gb: float = flag(2.0, "host memory for checkpointed KV (pinned on CUDA); when full, the oldest "
                                    "checkpoints of preempted requests are dropped and those requests recompute",
                                    group="coserving")
@@ -151,6 +182,8 @@ class EngineConfig(Flagged):
     def __post_init__(self) -> None:
         if self.kv_cache_gb != "auto" and not (isinstance(self.kv_cache_gb, (int, float)) and self.kv_cache_gb > 0):
             raise ValueError(f"kv_cache_gb must be > 0 or 'auto', got {self.kv_cache_gb!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -178,8 +211,14 @@ class EngineConfig(Flagged):
             raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
         if self.offline_kv not in OFFLINE_KV_MODES:
             raise ValueError(f"offline_kv must be one of {', '.join(OFFLINE_KV_MODES)}, got {self.offline_kv!r}")
+        if self.safepoint_lookahead < 0:
+            raise ValueError(f"safepoint_lookahead must be >= 0, got {self.safepoint_lookahead}")
         if self.safepoint_every < 1:
             raise ValueError(f"safepoint_every must be >= 1, got {self.safepoint_every}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.kv_copy_unit not in KV_COPY_UNITS:
+            raise ValueError(f"kv_copy_unit must be one of {', '.join(KV_COPY_UNITS)}, got {self.kv_copy_unit!r}")
         if self.host_kv_cache_gb <= 0:
             raise ValueError(f"host_kv_cache_gb must be > 0, got {self.host_kv_cache_gb}")
         self.scheduler_config(8192)  # validates the scheduling fields

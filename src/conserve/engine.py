@@ -13,22 +13,26 @@ import torch
 from conserve.config import EngineConfig
 from conserve.detokenizer import IncrementalDetokenizer
 from conserve.errors import RequestError
+from conserve.kv.block_copier import BlockCopier, BlockHostCache
 from conserve.kv.copier import Copier, HostKVCache
+from conserve.kv.copy_queue import queue_for
 from conserve.kv.host_kv_manager import HostKVManager
 from conserve.kv.kv_manager import KVCacheManager, blocks_needed
 from conserve.kv.offload import Offloader
 from conserve.iteration_trace import IterationTrace
 from conserve.kv.sizing import (
     AUTO_CPU_FRACTION,
-    AUTO_GPU_FRACTION,
+    activation_bytes,
     auto_kv_bytes,
     available_host_bytes,
     fit_max_model_len,
+    gpu_kv_bytes,
     num_blocks_for,
 )
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
-from conserve.model import paged_kernel
+from conserve.model import flex_paged, paged_kernel
+from conserve.model.flex_paged import FlexDecode
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.preemption import LayerPreemption
@@ -101,7 +105,7 @@ class Engine:
         self.config = config = config or EngineConfig(**kwargs)
         tune_malloc()
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.quantization,
-                            config.quant_max_tokens, config.kernel_cache_dir, config.compile)
+                            config.quant_max_tokens, config.kernel_cache_dir, config.compile, config.load_format)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         c = loaded.config
@@ -115,11 +119,13 @@ class Engine:
                                 loaded.model.dtype, loaded.model.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size)
         self.prompt_limits = PromptLimits(self.max_model_len, c.vocab_size, config.block_size, num_blocks)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, self._paged_kernel())
+        flex = self._flex_decode()
+        self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, flex is None and self._paged_kernel(),
+                                  config.safepoint_lookahead, flex, loaded.sample_vocab)
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
         if latency_model is not None:
-            latency_model.padded_decode = not self.runner.paged_kernel
+            latency_model.padded_decode = not (self.runner.paged_kernel or self.runner.flex)
         self.latency_model = latency_model
         self.offload = self._build_offloader(per_block)
         sched_config = config.scheduler_config(self.max_model_len, c.num_layers)
@@ -140,9 +146,21 @@ class Engine:
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                  num_blocks * per_block / 2**30)
 
+    def _flex_decode(self) -> FlexDecode | None:
+        """FlexAttention for decodes: with --attention flex, or auto on CUDA where it compiles and agrees."""
+        mode, device = self.config.attention, self.loaded.model.device
+        if mode != "flex" and (mode != "auto" or device.type != "cuda"):
+            return None
+        flex = FlexDecode(device) if flex_paged.available() else None
+        if flex is not None and flex.works(self.loaded.model.dtype):
+            return flex
+        if mode == "flex":
+            raise RuntimeError("--attention flex: FlexAttention cannot run here (see the log)")
+        return None
+
     def _paged_kernel(self) -> bool:
         mode = self.config.attention
-        if mode == "gather" or self.loaded.model.device.type != "cpu":
+        if mode in ("gather", "flex") or self.loaded.model.device.type != "cpu":
             return False
         if not paged_kernel.load(self.config.kernel_cache_dir) and mode == "kernel":
             raise RuntimeError("--attention kernel: the paged-attention kernel could not be built (see the log)")
@@ -155,9 +173,8 @@ class Engine:
         if config.kv_cache_gb != "auto":
             return num_blocks_for(config.kv_cache_gb * 2**30, bytes_per_block)
         if torch.device(config.device).type == "cuda":
-            free, fraction = torch.cuda.mem_get_info(torch.device(config.device))[0], AUTO_GPU_FRACTION
-        else:
-            free, fraction = available_host_bytes(), AUTO_CPU_FRACTION
+            return num_blocks_for(self._gpu_kv_bytes(bytes_per_block, max_model_len), bytes_per_block)
+        free, fraction = available_host_bytes(), AUTO_CPU_FRACTION
         if free is None:
             log.warning("cannot tell how much memory is free: KV cache of 1 GiB (set --kv-cache-gb)")
             return num_blocks_for(2**30, bytes_per_block)
@@ -167,17 +184,42 @@ class Engine:
                  100 * fraction, free / 2**30, config.max_num_seqs, max_model_len)
         return num_blocks_for(kv_bytes, bytes_per_block)
 
+    def _gpu_kv_bytes(self, bytes_per_block: int, max_model_len: int) -> int:
+        """--gpu-memory-utilization: the KV cache's share of the device, as vLLM sizes it."""
+        config, c = self.config, self.loaded.config
+        device = torch.device(config.device)
+        free, total = torch.cuda.mem_get_info(device)
+        dtype_bytes = torch.tensor([], dtype=self.loaded.model.dtype).element_size()
+        activations = activation_bytes(c.hidden_size, c.intermediate_size, c.q_size + 2 * c.kv_size, c.vocab_size,
+                                       max(config.max_num_batched_tokens, config.max_offline_batched_tokens),
+                                       config.max_num_seqs, dtype_bytes)
+        kv = gpu_kv_bytes(total, config.gpu_memory_utilization, total - free, activations)
+        # No more than max_num_seqs full-length sequences can use.
+        kv = min(kv, bytes_per_block / config.block_size * max_model_len * config.max_num_seqs)
+        log.info("KV cache sized by --gpu-memory-utilization %g: %.1f GiB of %.1f GiB total (%.1f GiB in use, "
+                 "~%.1f GiB for activations)", config.gpu_memory_utilization, kv / 2**30, total / 2**30,
+                 (total - free) / 2**30, activations / 2**30)
+        return int(kv)
+
     def _build_offloader(self, bytes_per_block: int) -> Offloader | None:
         config = self.config
         if config.offline_kv == "recompute":
             return None
         num_blocks = max(1, int(config.host_kv_cache_gb * 2**30 // bytes_per_block))
-        self.host_kv_cache = HostKVCache(self.kv_cache, num_blocks)
-        self.copier = Copier(self.kv_cache, self.host_kv_cache)
-        log.info("host KV tier: %d blocks (%.2f GiB), offline KV mode %s", num_blocks,
-                 num_blocks * bytes_per_block / 2**30, config.offline_kv)
+        unit = config.kv_copy_unit
+        if unit == "auto":
+            unit = "block" if self.kv_cache.store.is_cuda else "token"
+        if unit == "block":
+            queue = queue_for(self.kv_cache.store.device)
+            self.host_kv_cache = BlockHostCache(self.kv_cache, num_blocks, queue)
+            self.copier = BlockCopier(self.kv_cache, self.host_kv_cache, queue)
+        else:
+            self.host_kv_cache = HostKVCache(self.kv_cache, num_blocks)
+            self.copier = Copier(self.kv_cache, self.host_kv_cache)
+        log.info("host KV tier: %d blocks (%.2f GiB), offline KV mode %s, copied by %s", num_blocks,
+                 num_blocks * bytes_per_block / 2**30, config.offline_kv, unit)
         return Offloader(config.offline_kv, HostKVManager(num_blocks, config.block_size), self.kv_manager,
-                         self.copier, bytes_per_block // config.block_size)
+                         self.copier, bytes_per_block // config.block_size, whole_blocks=unit == "block")
 
     def _load_or_profile_latency_model(self) -> LatencyModel:
         """The configured latency model, else the cached fit for this model/dtype/device/threads, else
@@ -274,7 +316,7 @@ class Engine:
         safepoint = None
         offline_only = not any(s.request.is_online for s in sched_out.scheduled)
         if self._layer_preemption and offline_only and self._suspended is None:
-            safepoint = self.preemption.safepoint(seen, 0, self.runner.num_layers)
+            safepoint = self.preemption.safepoint(seen, 0, self.runner.num_layers, self.runner.progress)
         result = self.runner.execute(sched_out, safepoint)
         if result.stopped_at_layer is not None:
             self._stopped(sched_out, result, time.perf_counter() - step_started, 0)
@@ -303,6 +345,7 @@ class Engine:
         if self.trace is not None:
             self.trace.record("stopped", sched_out, seconds, self.latency_model,
                               result.stopped_at_layer + 1 - first_layer)
+        self.runner.progress.finish()  # the arrival waits until the device has run the layers issued
         self.preemption.stopped()
         self.stats.on_partial(seconds)
         if self.config.preemption == "layer":
@@ -319,7 +362,8 @@ class Engine:
         started = time.perf_counter()
         safepoint = None
         if self._layer_preemption:
-            safepoint = self.preemption.safepoint(seen, suspended.next_layer, self.runner.num_layers)
+            safepoint = self.preemption.safepoint(seen, suspended.next_layer, self.runner.num_layers,
+                                                  self.runner.progress)
         first_layer = suspended.next_layer
         result = self.runner.resume(suspended, safepoint)
         if result.stopped_at_layer is not None:

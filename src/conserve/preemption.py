@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from conserve.layer_progress import LayerProgress
 from conserve.sched.config import SchedulerConfig
 from conserve.sched.latency_model import LatencyModel, prefill_chunk
 
@@ -47,29 +48,33 @@ class LayerPreemption:
         """Whether an online request arrived in the last `seconds`."""
         return self.arrivals > 0 and time.monotonic() - self._last_arrival[0] < seconds
 
-    def safepoint(self, seen: int, first_layer: int, num_layers: int) -> Callable[[int], bool]:
-        """For an offline-only run of layers first_layer.. planned when `seen` arrivals had happened."""
+    def safepoint(self, seen: int, first_layer: int, num_layers: int,
+                  progress: LayerProgress | None = None) -> Callable[[int], bool]:
+        """For an offline-only run of layers first_layer.. planned when `seen` arrivals had happened.
+        progress: how far the device has got (layer_progress.py); None: as far as the host."""
         every = self.every
         started = time.monotonic()
 
         def check(layer: int) -> bool:
             if (layer + 1) % every or self.arrivals == seen:
                 return False
-            return self._worth_stopping(started, layer + 1 - first_layer, num_layers - layer - 1)
+            done = progress.layers_done() if progress is not None else layer + 1 - first_layer
+            return self._worth_stopping(started, done, num_layers - first_layer - done)
 
         return check
 
     def _worth_stopping(self, started: float, layers_done: int, layers_left: int) -> bool:
         if self.keeps_work or self.latency_model is None:
             return True
-        # The rest of the run at the pace of the layers so far: a measurement, right even when the
-        # latency model is off (another process on the cores, a cold cache).
-        remaining = (time.monotonic() - started) / layers_done * layers_left
+        # The rest of the run at the device's pace over the layers it has finished: a measurement,
+        # right even when the latency model is off (another process on the cores, a cold cache).
+        remaining = (time.monotonic() - started) / max(layers_done, 1) * layers_left
         _, prompt = self._last_arrival
         prefill = self.latency_model.predict(prefill_chunk(prompt, prompt))
         return remaining > self.config.slo_tbt_s or remaining + prefill > self.config.slo_ttft_s
 
     def stopped(self) -> None:
-        """The runner stopped at a safepoint: record how long the arrival waited for it."""
+        """The runner stopped at a safepoint and the device has finished the layers issued: record
+        how long the arrival waited for it."""
         self.num_preemptions += 1
         self.latencies.append(time.monotonic() - self._last_arrival[0])

@@ -68,8 +68,8 @@ class Request:
         self.num_checkpointed = 0
         self.checkpoint_epoch = 0  # bumped when the checkpoint is dropped: late copy completions ignored
         self.prefetch_job: object | None = None
-        # The runner's random generator for this request (opaque here: request state stays torch-free).
-        self.generator: object | None = None
+        # The seed of this request's sampling noise (sampler.py): its own, or one the runner drew for it.
+        self.sampling_seed: int | None = None
         # Longest the sequence may grow: max_tokens, capped by the model's context.
         limit = self.num_prompt_tokens + (sampling_params.max_tokens or 1 << 62)
         self.max_len = min(limit, max_model_len) if max_model_len else limit

@@ -248,6 +248,22 @@ class Tokenizer:
                    chat_templates=templates, source=str(folder))
 
     @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """One token per byte (ids 0-255), then <|bos|> (256) and <|eos|> (257), with a plain chat
+        template: for models that come without a tokenizer (dummy weights); any vocabulary of at least
+        258 ids runs it."""
+        table = _bytes_to_unicode()
+        backend = tokenizers.Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken("<|bos|>", special=True), AddedToken("<|eos|>", special=True)])
+        backend.post_processor = _specials_processor(("<|bos|>", 256), None)
+        template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant: {% endif %}")
+        return cls(backend, bos_token_id=256, eos_token_ids=[257], chat_templates={"default": template},
+                   source="byte-level")
+
+    @classmethod
     def from_gguf(cls, source: Any) -> Tokenizer:
         """Build from a GGUF file's `tokenizer.*` metadata; `source` is a path or a gguf.GGUFReader."""
         meta, name = read_gguf_metadata(source)

@@ -1,14 +1,12 @@
-"""Copies KV entries between the device cache and the host tier.
+"""Copies KV entries between the device cache and the host tier, token by token (the CPU copier).
 
-On CPU a job runs inline, on the engine thread, when it is submitted: a worker thread would run its
-index ops with a second OpenMP team beside the model's, and on a machine with as many cores as model
-threads both then stall at every barrier (measured: mixed online/offline steps 42 ms with a worker
-thread, 25 ms inline, for ~1 ms of copying). Tests that slow the copier down (delay_s) get a worker
-thread that runs the jobs in order, late: the asynchronous completion CUDA has. On CUDA each job runs
-off the critical path on a side stream: the
-device-side gather and the copy into pinned memory are queued behind the iteration that wrote the
-entries, an event marks completion, and the host-side scatter happens when the event has fired.
-Either way a job's blocks stay referenced (see copy_job.py) until `done` is set.
+A job runs inline, on the engine thread, when it is submitted: a worker thread would run its index ops
+with a second OpenMP team beside the model's, and on a machine with as many cores as model threads
+both then stall at every barrier (measured: mixed online/offline steps 42 ms with a worker thread,
+25 ms inline, for ~1 ms of copying). Tests that slow the copier down (delay_s) get a worker thread
+that runs the jobs in order, late. Either way a job's blocks stay referenced (see copy_job.py) until
+`done` is set. On a GPU the block copier (block_copier.py) is the asynchronous one; this one still
+works there (for comparison), copying synchronously on the engine thread.
 """
 
 from __future__ import annotations
@@ -59,18 +57,11 @@ class Copier:
         self.host = host
         # Tests slow the copier down (on a worker thread) to catch blocks reused too early.
         self.delay_s = delay_s
-        self._cuda = device.k[0].is_cuda
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending_cuda: list[tuple[CopyJob, torch.cuda.Event, object]] = []
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        if self._cuda:
-            self._stream = torch.cuda.Stream(device=device.k[0].device)
 
     def submit(self, job: CopyJob) -> None:
-        if self._cuda:
-            self._submit_cuda(job)
-            return
         if not self.delay_s:
             self._run_cpu(job)
             return
@@ -82,12 +73,10 @@ class Copier:
                 self._thread.start()
 
     def wait(self, job: CopyJob) -> None:
-        if self._cuda:
-            while not job.done.is_set():
-                self._finish_cuda(block=True)
-        else:
-            job.done.wait()
+        job.done.wait()
 
+    def poll(self) -> None:
+        """Jobs finish on their own (inline, or on the worker thread)."""
 
     # -- rows ----------------------------------------------------------------------------------
     def _rows(self, job: CopyJob) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,48 +118,6 @@ class Copier:
         pairs = zip(self.device.k + self.device.v, self.host.k + self.host.v)
         for dev, host in pairs:
             if job.kind == "checkpoint":  # one gather into a contiguous buffer, one scatter
-                self._flat(host).index_copy_(0, host_rows, self._flat(dev).index_select(0, dev_rows))
+                self._flat(host).index_copy_(0, host_rows, self._flat(dev).index_select(0, dev_rows).to(host.device))
             else:
-                self._flat(dev).index_copy_(0, dev_rows, self._flat(host).index_select(0, host_rows))
-
-    # -- CUDA: a side stream and events --------------------------------------------------------
-    def _submit_cuda(self, job: CopyJob) -> None:
-        dev_rows, host_rows = self._rows(job)
-        layers = list(zip(self.device.k + self.device.v, self.host.k + self.host.v))
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream())  # the iteration that wrote the entries
-        with torch.cuda.stream(stream):
-            if job.kind == "checkpoint":
-                staged = torch.stack([self._flat(d).index_select(0, dev_rows) for d, _ in layers])
-                pinned = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
-                pinned.copy_(staged, non_blocking=True)
-                payload = (pinned, host_rows, staged)
-            else:
-                pinned = torch.stack([self._flat(h).index_select(0, host_rows) for _, h in layers]).pin_memory()
-                on_device = pinned.to(dev_rows.device, non_blocking=True)
-                for i, (d, _) in enumerate(layers):
-                    self._flat(d).index_copy_(0, dev_rows, on_device[i])
-                payload = (pinned, on_device)
-            event = torch.cuda.Event()
-            event.record(stream)
-        self._pending_cuda.append((job, event, payload))
-
-    def _finish_cuda(self, block: bool = False) -> None:
-        for entry in list(self._pending_cuda):
-            job, event, payload = entry
-            if block:
-                event.synchronize()
-            elif not event.query():
-                break  # in order: later jobs are not done either
-            if job.kind == "checkpoint":
-                pinned, host_rows, _ = payload
-                for i, h in enumerate(self.host.k + self.host.v):
-                    self._flat(h).index_copy_(0, host_rows, pinned[i])
-            self._pending_cuda.remove(entry)
-            job.done.set()
-            block = False
-
-    def poll(self) -> None:
-        """CUDA: finish the jobs whose events fired (CPU jobs finish on their own)."""
-        if self._cuda:
-            self._finish_cuda()
+                self._flat(dev).index_copy_(0, dev_rows, self._flat(host).index_select(0, host_rows).to(dev.device))

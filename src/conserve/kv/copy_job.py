@@ -33,6 +33,8 @@ class CopyJob:
     device_refs: list[int] = field(default_factory=list)
     host_refs: list[int] = field(default_factory=list)
     num_bytes: int = 0
+    # Jobs still in flight on the same host blocks (not two reads): this one is queued after them.
+    after: list[CopyJob] = field(default_factory=list, repr=False)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     error: BaseException | None = None
 

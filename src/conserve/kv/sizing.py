@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 # Share of the memory available at start-up that an automatically sized CPU KV cache takes: the
 # rest stays for the process's activations, the host KV tier, other processes and the page cache.
 AUTO_CPU_FRACTION = 0.25
-# On a GPU the weights are already loaded when this runs; the rest of the free memory is KV cache
-# except what activations of a large iteration and the CUDA allocator need.
-AUTO_GPU_FRACTION = 0.8
+# On a GPU (vLLM's --gpu-memory-utilization): the engine may fill this fraction of the device's total
+# memory; the KV cache gets it less what is in use when it is sized (the weights, other processes)
+# and an estimate of one large iteration's activations.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
 class KVCapacityError(ConserveError, ValueError):
@@ -45,6 +46,28 @@ def auto_kv_bytes(free_bytes: int, fraction: float, bytes_per_token: int, max_mo
                   max_num_seqs: int) -> int:
     """A share of free memory, but no more than max_num_seqs full-length sequences can use."""
     return int(min(free_bytes * fraction, bytes_per_token * max_model_len * max_num_seqs))
+
+
+def gpu_kv_bytes(total_bytes: int, utilization: float, in_use_bytes: int, activation_bytes: int) -> int:
+    """The KV cache's share of a GPU: utilization x total, less what is in use and the activations."""
+    kv = int(total_bytes * utilization - in_use_bytes - activation_bytes)
+    if kv <= 0:
+        raise KVCapacityError(
+            f"--gpu-memory-utilization {utilization:g} leaves no room for the KV cache: {total_bytes / 2**30:.1f} "
+            f"GiB x {utilization:g} minus {in_use_bytes / 2**30:.1f} GiB in use (weights, other processes) and "
+            f"~{activation_bytes / 2**30:.1f} GiB of activations. Raise it, or set --kv-cache-gb.")
+    return kv
+
+
+def activation_bytes(hidden: int, intermediate: int, qkv_width: int, vocab: int, tokens: int, logit_rows: int,
+                     dtype_bytes: int) -> int:
+    """An estimate of the peak activations of an iteration of `tokens` tokens sampling `logit_rows` rows:
+    the float32 residual stream and its normed copy, the q/k/v and gate/up outputs and the MLP product in
+    the model dtype, and the sampler's float32 [rows, vocab] tensors (logits, probabilities, sorted,
+    noise), with a quarter on top for the allocator's rounding and temporaries."""
+    per_token = 3 * hidden * 4 + (qkv_width + 3 * intermediate + hidden) * dtype_bytes
+    sampler = 4 * logit_rows * vocab * 4
+    return int(1.25 * (tokens * per_token + sampler))
 
 
 def num_blocks_for(kv_bytes: float, bytes_per_block: int) -> int:

@@ -10,15 +10,16 @@ batched matmuls consume without another copy. Gathers and writes index the flatt
 [kv_heads * slots, head_dim] view along dim 0 (index_select along an inner dim is ~4x slower on CPU);
 the runner expands slot numbers into such head-major row numbers once per iteration.
 
-Decode attention has two paths. With the CPU kernel (paged_kernel.py) it reads each request's
-blocks in place through its block table, so a long context costs only its own reads. Without it
-(no compiler, or a CUDA device), decodes gather their contexts padded to the longest one and run
-two batched matmuls. Prefill chunks gather their own context (no padding: the copy is a small part
+Decode attention has three paths. With the CPU kernel (paged_kernel.py), or FlexAttention on CUDA
+(flex_paged.py), it reads each request's blocks in place through its block table, so a long context
+costs only its own reads. Without them, decodes gather their contexts padded to the longest one and
+run two batched matmuls. Prefill chunks gather their own context (no padding: the copy is a small part
 of the chunk's work) for the flash kernel of scaled_dot_product_attention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +50,14 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [B]: 0..B-1
     decode_lens: torch.Tensor | None = None  # [B]
     block_size: int = 0
+    # FlexAttention's path instead (flex_paged.py): attend(q, k_cache, v_cache) -> decode outputs.
+    flex_decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class KVCache:
-    """Per-layer key and value tensors, each [kv_heads, num_blocks * block_size, head_dim]."""
+    """Per-layer key and value tensors, each [kv_heads, num_blocks * block_size, head_dim], all views of
+    one tensor `store` [2 * layers, kv_heads, slots, head_dim] (layer i's keys at 2i, values at 2i + 1),
+    so one indexed copy moves a block of every layer at once (kv/block_copier.py)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -60,9 +65,16 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         # Zero (a padded read of a never-written slot must not meet NaN) and committed as used.
-        self.k = [lazy_zeros((kv_heads, slots, head_dim), dtype, device) for _ in range(num_layers)]
-        self.v = [lazy_zeros((kv_heads, slots, head_dim), dtype, device) for _ in range(num_layers)]
+        self.store = lazy_zeros((2 * num_layers, kv_heads, slots, head_dim), dtype, device)
+        self.k = [self.store[2 * i] for i in range(num_layers)]
+        self.v = [self.store[2 * i + 1] for i in range(num_layers)]
         self._head_offsets = torch.arange(kv_heads, device=device).unsqueeze(1) * slots
+
+    def block_view(self) -> torch.Tensor:
+        """[num_blocks, 2 * layers * kv_heads, block_size * head_dim]: a strided view in which one index
+        along dim 0 addresses a whole block of every layer."""
+        planes, kv_heads, _, d = self.store.shape
+        return self.store.view(planes * kv_heads, self.num_blocks, self.block_size * d).transpose(0, 1)
 
     def rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Slot numbers [n] -> row numbers [kv_heads * n] of the flattened [kv_heads * slots, D] view."""
@@ -84,7 +96,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     nd = meta.num_decodes
     decoded = None
     if nd:
-        if meta.decode_tables is not None:
+        if meta.flex_decode is not None:
+            decoded = meta.flex_decode(q[:nd], k_cache, v_cache)
+        elif meta.decode_tables is not None:
             decoded = torch.ops.conserve.paged_attention(q[:nd], k_cache, v_cache, meta.decode_tables,
                                                          meta.decode_rows, meta.decode_lens, meta.block_size,
                                                          d ** -0.5)

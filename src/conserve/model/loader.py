@@ -13,9 +13,10 @@ import torch
 from conserve.errors import ModelLoadError
 from conserve.machine import cpu_flags
 from conserve.model.config import ModelConfig
+from conserve.model.dummy import dummy_source, dummy_tokenizer, init_dummy_weights
 from conserve.model.gguf_loader import gguf_hf_config, iter_gguf_tensors, open_gguf
 from conserve.model.hf_loader import iter_safetensors, read_hf_config, safetensors_files
-from conserve.config import COMPILE_MODES
+from conserve.config import COMPILE_MODES, LOAD_FORMATS
 from conserve.model.layer_body import use_compile_cache
 from conserve.model.llama import LlamaModel
 from conserve.model.quant import check_mode
@@ -36,6 +37,8 @@ class LoadedModel:
     model: LlamaModel
     tokenizer: Tokenizer
     max_model_len: int
+    # Sample only ids below this (a dummy model's tokenizer may know fewer ids than its vocabulary).
+    sample_vocab: int | None = None
 
 
 def default_model_path() -> Path:
@@ -73,11 +76,13 @@ def cpu_has_native_bf16() -> bool:
 
 def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                max_model_len: int | None = None, quantization: str = "auto", quant_max_tokens: int | None = None,
-               kernel_cache_dir: str | Path | None = None, compile: str = "off") -> LoadedModel:
+               kernel_cache_dir: str | Path | None = None, compile: str = "off",
+               load_format: str = "auto") -> LoadedModel:
     """quantization: auto | none | int8 | int4, which weights get weight-only quantised matmuls (see
     model/quant.py). quant_max_tokens: the largest iteration that uses them; None measures it
     (model/quant_tuning.py), cached in kernel_cache_dir. compile: on | off, whether the layer body runs
-    through torch.compile (model/layer_body.py), with inductor's caches under kernel_cache_dir."""
+    through torch.compile (model/layer_body.py), with inductor's caches under kernel_cache_dir.
+    load_format: auto (read the weights) | dummy (random weights of the model's shape, model/dummy.py)."""
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     mode = check_mode(quantization) if dev.type == "cpu" else "none"  # the kernels are CPU ones
@@ -87,9 +92,16 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
         mode = "none"
     if quant_max_tokens is not None and quant_max_tokens < 0:
         raise ValueError(f"quant_max_tokens must be >= 0, got {quant_max_tokens}")
-    path = Path(model).expanduser() if model else default_model_path()
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     started = time.perf_counter()
-    if path.is_dir():
+    if load_format == "dummy":
+        hf, name, origin = dummy_source(model)
+        path = origin or Path(name)
+        source = f"{name} (dummy weights)"
+        tensors = None
+        tokenizer = None
+    elif (path := Path(model).expanduser() if model else default_model_path()).is_dir():
         hf = read_hf_config(path)
         source = str(path / "config.json")
         files = safetensors_files(path)
@@ -112,8 +124,12 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
     max_len = max_model_len or limit
     net = LlamaModel(config, torch_dtype, dev)
     with torch.inference_mode():
-        for tensor_name, tensor, q4, file_type in tensors(hf):
-            net.load_weight(tensor_name, tensor, q4, file_type)
+        if tensors is None:
+            init_dummy_weights(net)
+            tokenizer = dummy_tokenizer(origin, config)
+        else:
+            for tensor_name, tensor, q4, file_type in tensors(hf):
+                net.load_weight(tensor_name, tensor, q4, file_type)
         net.finish_loading(source, max_len, mode, prepack=compile == "off")
         _choose_quant_sizes(net, mode, quant_max_tokens, kernel_cache_dir)
         if compile == "on":
@@ -123,7 +139,10 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     log.info("loaded %s (%s, %s) in %.1f s; %s", path, config.architecture, torch_dtype,
              time.perf_counter() - started, net.quant_summary())
-    return LoadedModel(path, name, config, net, tokenizer, max_len)
+    sample_vocab = None
+    if load_format == "dummy" and tokenizer.vocab_size < config.vocab_size:
+        sample_vocab = tokenizer.vocab_size
+    return LoadedModel(path, name, config, net, tokenizer, max_len, sample_vocab)
 
 
 def _choose_quant_sizes(net: LlamaModel, mode: str, max_tokens: int | None, cache_dir: str | Path | None) -> None:
