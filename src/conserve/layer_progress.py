@@ -13,9 +13,10 @@ ever waits. lookahead 0 switches it off: no events, no waits (host time, as befo
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch only where a CUDA event is made: the CLI and config import this module
+    import torch
 
 
 class LayerEvent(Protocol):
@@ -41,6 +42,8 @@ class HostEvent:
 
 def event_factory(device: torch.device):
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.Event
     return HostEvent
 
