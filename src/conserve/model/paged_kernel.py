@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from conserve.machine import compiler_arch_flag, forced_isa
+from conserve.machine import compiler_arch_flag, cpu_flags, cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,9 @@ def load(cache_dir: str | Path) -> bool:
 
 
 def _cpu_signature() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(lines)) + [f"forced isa: {forced_isa()}"])
+    """The CPU the build is for: its model and flags as conserve sees them (a forced AVX2 run hides
+    AVX-512, so it gets a build of its own)."""
+    return f"{cpu_model()}\n{' '.join(sorted(cpu_flags()))}"
 
 
 def _build(cache_dir: Path) -> Path:
