@@ -29,6 +29,7 @@ _S = SchedulerConfig  # the scheduler's own defaults, written once there
 # Weight-only quantised matmuls (model/quant.py says what each mode quantises).
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 ATTENTION_MODES = ("auto", "kernel", "flex", "gather")
+PREFILL_ATTENTION_MODES = ("auto", "kernel", "sdpa")
 COMPILE_MODES = ("off", "on")
 KV_COPY_UNITS = ("auto", "token", "block")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shape (model/dummy.py)
@@ -87,6 +88,11 @@ class EngineConfig(Flagged):
         "else gather. `flex`: FlexAttention reads each request's blocks in place through a block mask "
         "built per step (CUDA: compiled to a Triton kernel; CPU: eager, materialising scores, for "
         "checking only)", choices=list(ATTENTION_MODES))
+    prefill_attention: str = flag(
+        "auto", "attention of prompt chunks. `kernel`: a C++ flash-attention kernel (CPU; built at first "
+        "start like `--attention kernel`; head sizes 64, 96 and 128): bfloat16 products on AVX512-BF16 (~4x "
+        "torch's), float32 ones elsewhere (torch's speed). `sdpa`: torch's scaled_dot_product_attention. "
+        "`auto`: the kernel for bfloat16 on CPUs with AVX512-BF16, else sdpa", choices=list(PREFILL_ATTENTION_MODES))
     int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
                             "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "
@@ -207,6 +213,9 @@ class EngineConfig(Flagged):
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        if self.prefill_attention not in PREFILL_ATTENTION_MODES:
+            raise ValueError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION_MODES)}, "
+                             f"got {self.prefill_attention!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
         if self.offline_kv not in OFFLINE_KV_MODES:

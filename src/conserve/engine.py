@@ -31,7 +31,7 @@ from conserve.kv.sizing import (
 )
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
-from conserve.model import flex_paged, paged_kernel
+from conserve.model import flex_paged, paged_kernel, prefill_kernel
 from conserve.model.flex_paged import FlexDecode
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
@@ -121,7 +121,7 @@ class Engine:
         self.prompt_limits = PromptLimits(self.max_model_len, c.vocab_size, config.block_size, num_blocks)
         flex = self._flex_decode()
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.seed, flex is None and self._paged_kernel(),
-                                  config.safepoint_lookahead, flex, loaded.sample_vocab)
+                                  config.safepoint_lookahead, flex, loaded.sample_vocab, self._prefill_kernel())
         if latency_model is None and config.scheduler == "conserve":
             latency_model = self._load_or_profile_latency_model()
         if latency_model is not None:
@@ -165,6 +165,21 @@ class Engine:
         if not paged_kernel.load(self.config.kernel_cache_dir) and mode == "kernel":
             raise RuntimeError("--attention kernel: the paged-attention kernel could not be built (see the log)")
         return paged_kernel.available()
+
+    def _prefill_kernel(self) -> bool:
+        mode, model = self.config.prefill_attention, self.loaded.model
+        if mode == "sdpa" or model.device.type != "cpu":
+            return False
+        if not prefill_kernel.supports(model.config.head_dim):
+            if mode == "kernel":
+                raise RuntimeError(f"--prefill-attention kernel: head size {model.config.head_dim} is not built "
+                                   f"(only {', '.join(map(str, prefill_kernel.HEAD_SIZES))})")
+            return False
+        if mode == "auto" and not prefill_kernel.native(model.dtype):
+            return False
+        if not prefill_kernel.load(self.config.kernel_cache_dir) and mode == "kernel":
+            raise RuntimeError("--prefill-attention kernel: the kernel could not be built (see the log)")
+        return prefill_kernel.available()
 
     def _num_kv_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
         config = self.config
@@ -226,8 +241,9 @@ class Engine:
         a quick profile now (cached for next time)."""
         if self.config.latency_model:
             return LatencyModel.load(Path(self.config.latency_model))
+        kernels = self.loaded.model.quant_tag() + ("-pk" if self.runner.prefill_kernel else "")  # timings differ
         path = cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,
-                          self.config.device, self.loaded.model.quant_tag())
+                          self.config.device, kernels)
         if path.exists():
             try:
                 return LatencyModel.load(path)

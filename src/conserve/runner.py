@@ -46,12 +46,13 @@ class RunnerOutput:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, seed: int = 0, paged_kernel: bool = False,
                  safepoint_lookahead: int = 1, flex: FlexDecode | None = None,
-                 sample_vocab: int | None = None) -> None:
+                 sample_vocab: int | None = None, prefill_kernel: bool = False) -> None:
         self.model = model
         self.sample_vocab = sample_vocab  # sample only ids below this (None: the whole vocabulary)
         self.kv = kv
         self.paged_kernel = paged_kernel  # decodes read blocks in place (paged_kernel.py), else gather
         self.flex = flex  # or in place through FlexAttention (flex_paged.py)
+        self.prefill_kernel = prefill_kernel  # prompt chunks through prefill_kernel.py, else sdpa
         self.device = model.device
         self.uploads = Uploader(self.device)
         # Preemptible runs mark each layer, so safepoints see the device's progress (layer_progress.py).
@@ -129,6 +130,7 @@ class ModelRunner:
         input_ids, positions, slot_t, sample_index = self.uploads.upload([ids, pos, slots,
                                                                            [r for r, _ in sample_rows]])
         meta = AttentionMetadata(self.kv.rows(slot_t), len(decodes), None, None, self._prefill_chunks(prefills))
+        meta.prefill_kernel = self.prefill_kernel
         if decodes and self.flex is not None:
             self._decode_flex(decodes, meta)
         elif decodes and self.paged_kernel:

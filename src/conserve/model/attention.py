@@ -14,7 +14,8 @@ Decode attention has three paths. With the CPU kernel (paged_kernel.py), or Flex
 (flex_paged.py), it reads each request's blocks in place through its block table, so a long context
 costs only its own reads. Without them, decodes gather their contexts padded to the longest one and
 run two batched matmuls. Prefill chunks gather their own context (no padding: the copy is a small part
-of the chunk's work) for the flash kernel of scaled_dot_product_attention.
+of the chunk's work) for the CPU prefill kernel (prefill_kernel.py) or, without it, the flash kernel of
+scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class AttentionMetadata:
     block_size: int = 0
     # FlexAttention's path instead (flex_paged.py): attend(q, k_cache, v_cache) -> decode outputs.
     flex_decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Prefill chunks through the CPU kernel (prefill_kernel.py); it reads a chunk's mask as what the
+    # runner builds it to be: causal, the chunk's rows being the context's last positions.
+    prefill_kernel: bool = False
 
 
 class KVCache:
@@ -116,6 +120,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             kc = k_rows.index_select(0, chunk.context_slots).view(kv_heads, -1, d)  # [kv_heads, ctx, D]
             vc = v_rows.index_select(0, chunk.context_slots).view(kv_heads, -1, d)
+        if meta.prefill_kernel:
+            out[chunk.start:chunk.end] = torch.ops.conserve.prefill_attention(q[chunk.start:chunk.end], kc, vc,
+                                                                              d ** -0.5)
+            continue
         o = _sdpa(qc, kc, vc, chunk.mask, causal=chunk.mask is None)
         out[chunk.start:chunk.end] = o.transpose(0, 1)
     return out

@@ -1,0 +1,52 @@
+// Helpers shared by conserve's CPU attention kernels (paged_attention.cpp, prefill_attention.cpp).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace conserve_kernels {
+
+template <typename T>
+inline float widen(T x) {
+  return static_cast<float>(x);
+}
+
+template <>
+inline float widen(c10::BFloat16 x) {  // the upper half of a float: a shift the compiler vectorises
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
+}
+
+// exp(x) for x <= 0 (scores minus their running max) in plain arithmetic, so a `#pragma omp simd`
+// loop over a block's scores vectorises (std::exp is a scalar call). 2^(x log2 e): the integer part
+// goes into the exponent bits, the fraction through a degree-5 polynomial fitted to 2^f on [0, 1)
+// (relative error < 1e-7, below float32 rounding).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
+  const float whole = std::floor(t);
+  const float f = t - whole;
+  float p = 0.0018762329f;
+  p = p * f + 0.0089925840f;
+  p = p * f + 0.0558236045f;
+  p = p * f + 0.2401545299f;
+  p = p * f + 0.6931529682f;
+  p = p * f + 0.9999999269f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(whole) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+}  // namespace conserve_kernels
