@@ -93,6 +93,10 @@ class EngineConfig(Flagged):
         "start like `--attention kernel`; head sizes 64, 96 and 128): bfloat16 products on AVX512-BF16 (~4x "
         "torch's), float32 ones elsewhere (torch's speed). `sdpa`: torch's scaled_dot_product_attention. "
         "`auto`: the kernel for bfloat16 on CPUs with AVX512-BF16, else sdpa", choices=list(PREFILL_ATTENTION_MODES))
+    fused_ops: str = flag(
+        "auto", "`auto`: on CPU, the layer body's rotary embedding runs as a single-pass C++ kernel (built "
+        "at first start like `--attention kernel`; with `--compile on` inductor fuses it instead). `off`: "
+        "eager torch ops, for comparison", choices=["auto", "off"])
     int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
                             "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "
@@ -213,6 +217,8 @@ class EngineConfig(Flagged):
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        if self.fused_ops not in ("auto", "off"):
+            raise ValueError(f"fused_ops must be auto or off, got {self.fused_ops!r}")
         if self.prefill_attention not in PREFILL_ATTENTION_MODES:
             raise ValueError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION_MODES)}, "
                              f"got {self.prefill_attention!r}")

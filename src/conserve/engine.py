@@ -31,7 +31,7 @@ from conserve.kv.sizing import (
 )
 from conserve.malloc_tuning import tune_malloc
 from conserve.model.attention import KVCache
-from conserve.model import flex_paged, paged_kernel, prefill_kernel
+from conserve.model import flex_paged, layer_ops, paged_kernel, prefill_kernel
 from conserve.model.flex_paged import FlexDecode
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
@@ -107,6 +107,8 @@ class Engine:
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.quantization,
                             config.quant_max_tokens, config.kernel_cache_dir, config.compile, config.load_format)
         self.loaded = loaded
+        if self._fused_ops():
+            loaded.model.use_fused_ops()
         self.tokenizer = loaded.tokenizer
         c = loaded.config
         per_block = KVCache.bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
@@ -165,6 +167,14 @@ class Engine:
         if not paged_kernel.load(self.config.kernel_cache_dir) and mode == "kernel":
             raise RuntimeError("--attention kernel: the paged-attention kernel could not be built (see the log)")
         return paged_kernel.available()
+
+    def _fused_ops(self) -> bool:
+        """The layer body's rotary and SiLU-gating through layer_ops.py: on CPU, eager (a compiled body
+        fuses them itself), where the kernels build."""
+        config = self.config
+        if config.fused_ops == "off" or config.compile == "on" or self.loaded.model.device.type != "cpu":
+            return False
+        return layer_ops.load(config.kernel_cache_dir)
 
     def _prefill_kernel(self) -> bool:
         mode, model = self.config.prefill_attention, self.loaded.model
@@ -236,14 +246,20 @@ class Engine:
         return Offloader(config.offline_kv, HostKVManager(num_blocks, config.block_size), self.kv_manager,
                          self.copier, bytes_per_block // config.block_size, whole_blocks=unit == "block")
 
+    def latency_cache_path(self) -> Path:
+        """Where this engine's latency fit is cached: per model, dtype, device, machine and the kernels
+        that change its timings (quantised matmuls, the prefill kernel)."""
+        kernels = self.loaded.model.quant_tag() + ("-pk" if self.runner.prefill_kernel else "")
+        kernels += "-fused" if layer_ops.available() and self.config.fused_ops != "off" else ""
+        return cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,
+                          self.config.device, kernels)
+
     def _load_or_profile_latency_model(self) -> LatencyModel:
         """The configured latency model, else the cached fit for this model/dtype/device/threads, else
         a quick profile now (cached for next time)."""
         if self.config.latency_model:
             return LatencyModel.load(Path(self.config.latency_model))
-        kernels = self.loaded.model.quant_tag() + ("-pk" if self.runner.prefill_kernel else "")  # timings differ
-        path = cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,
-                          self.config.device, kernels)
+        path = self.latency_cache_path()
         if path.exists():
             try:
                 return LatencyModel.load(path)

@@ -21,7 +21,7 @@ def add_profile_command(sub, parents) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from conserve.engine import Engine
-    from conserve.profiler import cache_path, profile
+    from conserve.profiler import profile
 
     # Profiling drives the runner directly: no latency model needed to start.
     config = EngineConfig.from_flags(args, scheduler="fcfs")
@@ -33,8 +33,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     model, report = profile(engine, quick=args.quick, progress=progress)
     sys.stderr.write("\n")
-    path = cache_path(Path(args.latency_cache_dir), engine.loaded.name, engine.loaded.model.dtype, args.device,
-                      engine.loaded.model.quant_tag())
+    path = engine.latency_cache_path()
     model.save(path)
     print("| P (tokens) | D (decode reads) | R (prefill reads) | measured ms | predicted ms |")
     print("|---|---|---|---|---|")

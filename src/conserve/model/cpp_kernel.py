@@ -39,11 +39,12 @@ def _cpu_signature() -> str:
 
 
 class CppKernel:
-    """The op `torch.ops.conserve.<name>` from `<name>.cpp`; `fake` gives output shapes for
-    torch.compile's tracing; `fallback` says in the log what runs instead when it cannot be built."""
+    """The ops `torch.ops.conserve.<op>` defined in `<name>.cpp`; `fakes` maps each op to a function
+    giving its outputs' shapes for torch.compile's tracing; `fallback` says in the log what runs instead
+    when it cannot be built."""
 
-    def __init__(self, name: str, fake: Callable[..., torch.Tensor], fallback: str) -> None:
-        self.name, self.fake, self.fallback = name, fake, fallback
+    def __init__(self, name: str, fakes: dict[str, Callable[..., torch.Tensor | None]], fallback: str) -> None:
+        self.name, self.fakes, self.fallback = name, fakes, fallback
         self.source = HERE / f"{name}.cpp"
         self._loaded: bool | None = None
 
@@ -58,7 +59,8 @@ class CppKernel:
         self._loaded = False
         try:
             torch.ops.load_library(str(self._build(Path(cache_dir).expanduser())))
-            torch.library.register_fake(f"conserve::{self.name}")(self.fake)
+            for op, fake in self.fakes.items():
+                torch.library.register_fake(f"conserve::{op}")(fake)
             self._loaded = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("%s kernel unavailable (%s); %s", self.name, e, self.fallback)

@@ -23,6 +23,21 @@ inline float widen(c10::BFloat16 x) {  // the upper half of a float: a shift the
   return f;
 }
 
+// float32 -> T; for bfloat16 round-to-nearest-even on the bits, which vectorises (c10's conversion
+// checks for NaN in a branch, which does not). Callers pass finite values.
+template <typename T>
+inline T narrow(float x) {
+  return static_cast<T>(x);
+}
+
+template <>
+inline c10::BFloat16 narrow(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return c10::BFloat16(static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16),
+                       c10::BFloat16::from_bits());
+}
+
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
 #pragma omp simd

@@ -58,6 +58,27 @@ class LayerBody:
         gate, up = linear(x, gate_up, gate_up_quant).chunk(2, dim=-1)
         return h + linear(F.silu(gate) * up, down, down_quant)
 
+    def rotary_tables(self, rotary, positions):
+        """The cos/sin tables attn_in takes for these positions."""
+        return rotary.tables(positions, self.dtype)
+
+
+class FusedLayerBody(LayerBody):
+    """LayerBody with the rotary embedding as a single-pass CPU kernel (layer_ops.py); cos/sin come as
+    float32 [T, D/2] tables, rounded only with the rotated values."""
+
+    def rotary_tables(self, rotary, positions):
+        return rotary.cos[positions], rotary.sin[positions]
+
+    def attn_in(self, h, norm, qkv, qkv_quant, qkv_bias, cos, sin):
+        t = h.shape[0]
+        x = F.rms_norm(h, (self.hidden,), norm, self.eps).to(self.dtype)
+        y = linear(x, qkv, qkv_quant, qkv_bias)
+        qk = y[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
+        torch.ops.conserve.rotary_(qk, cos, sin)
+        v = y[:, self.q_size + self.kv_size:].view(t, self.kv_heads, self.head_dim)
+        return qk[:, : self.heads], qk[:, self.heads:], v
+
 
 class CompiledLayerBody(LayerBody):
     """LayerBody through torch.compile; the eager methods stay reachable as LayerBody's."""

@@ -19,7 +19,7 @@ from conserve.model.attention import AttentionMetadata, KVCache, paged_attention
 from conserve.model.config import ModelConfig
 from conserve.model import quant
 from conserve.model.int4 import Q4Blocks
-from conserve.model.layer_body import CompiledLayerBody, LayerBody, linear, timed_warmup
+from conserve.model.layer_body import CompiledLayerBody, FusedLayerBody, LayerBody, linear, timed_warmup
 from conserve.model.quant import QuantWeight
 from conserve.model.rope import RotaryEmbedding
 
@@ -97,7 +97,7 @@ class LlamaModel:
         self.quant_max_tokens = 0
         self.lm_head_quant: QuantWeight | None = None
         self.lm_head_quant_max_rows = 0
-        self.body: LayerBody = LayerBody(config, dtype)  # CompiledLayerBody after compile()
+        self.body: LayerBody = LayerBody(config, dtype)  # Compiled/FusedLayerBody after compile()/use_fused_ops()
 
     # -- weights -------------------------------------------------------------------------------
     def _expected_names(self):
@@ -228,13 +228,17 @@ class LlamaModel:
         def run() -> None:
             for t in sorted(sizes):
                 h = torch.zeros(t, self.config.hidden_size, device=self.device)
-                cos, sin = self.rotary.tables(torch.zeros(t, dtype=torch.long, device=self.device), self.dtype)
+                cos, sin = self.body.rotary_tables(self.rotary, torch.zeros(t, dtype=torch.long, device=self.device))
                 q4 = w.quant if t <= self.quant_max_tokens else {}
                 q, _, _ = self.body.attn_in(h, w.input_norm_f32, w.qkv, q4.get("qkv"), w.qkv_bias, cos, sin)
                 self.body.attn_out(h, q, w.o, q4.get("o"), w.post_norm_f32, w.gate_up, q4.get("gate_up"), w.down,
                                    q4.get("down"))
 
         return timed_warmup(run, f"sizes {sorted(sizes)}")
+
+    def use_fused_ops(self) -> None:
+        """Rotary and SiLU-gating through the CPU kernels of layer_ops.py (loaded by the caller)."""
+        self.body = FusedLayerBody(self.config, self.dtype)
 
     def quant_tag(self) -> str:
         """Which quantised matmuls run up to which sizes, e.g. "int4w8-int8h16"; "" when none."""
@@ -259,7 +263,7 @@ class LlamaModel:
     # -- forward -------------------------------------------------------------------------------
     def begin(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ForwardState:
         """The state before layer 0: embeddings and the rotary tables of these positions."""
-        cos, sin = self.rotary.tables(positions, self.dtype)
+        cos, sin = self.body.rotary_tables(self.rotary, positions)
         # The residual stream stays in float32: 60 bfloat16 additions would lose the small updates
         # that decide close calls between tokens. Only the matmul inputs are cast down.
         return ForwardState(F.embedding(input_ids, self.embed).float(), cos, sin)

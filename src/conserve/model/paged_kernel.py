@@ -16,7 +16,7 @@ import torch
 from conserve.model.cpp_kernel import CppKernel
 
 # Shapes for torch.compile's tracing: the output is shaped like the queries.
-_KERNEL = CppKernel("paged_attention", lambda q, *args: torch.empty_like(q),
+_KERNEL = CppKernel("paged_attention", {"paged_attention": lambda q, *args: torch.empty_like(q)},
                     "decode attention gathers padded contexts")
 
 

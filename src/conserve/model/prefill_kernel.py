@@ -21,7 +21,7 @@ from conserve.model.cpp_kernel import CppKernel
 
 HEAD_SIZES = (64, 96, 128)  # the head sizes the kernel is instantiated for
 
-_KERNEL = CppKernel("prefill_attention", lambda q, k, v, scale: torch.empty_like(q),
+_KERNEL = CppKernel("prefill_attention", {"prefill_attention": lambda q, k, v, scale: torch.empty_like(q)},
                     "prefill attention uses scaled_dot_product_attention")
 
 

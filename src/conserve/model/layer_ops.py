@@ -1,0 +1,22 @@
+"""Fused element-wise steps of the layer body on CPU (layer_ops.cpp): the rotary embedding in place, one
+pass in float32 instead of eager PyTorch's 7 passes rounding in between (8-10x faster: 1024 tokens 300
+-> 35 us, one token 11 -> 1 us a layer). Built at first use (cpp_kernel.py); without a compiler the layer
+body stays eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conserve.model.cpp_kernel import CppKernel
+
+_KERNEL = CppKernel("layer_ops", {"rotary_": lambda x, cos, sin: None},
+                    "the layer body's rotary embedding runs as eager torch ops")
+
+
+def available() -> bool:
+    return _KERNEL.available()
+
+
+def load(cache_dir: str | Path) -> bool:
+    """Load the ops, building them first if this machine has no cached build."""
+    return _KERNEL.load(cache_dir)

@@ -1,0 +1,39 @@
+"""The fused CPU layer ops (layer_ops.cpp) against the eager torch ops they replace, computed in float64:
+the rotate-half rotary embedding applied in place to q/k heads that are strided views of one fused
+projection output, as the layer body hands them over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conserve.config import EngineConfig
+from conserve.model import layer_ops
+from conserve.model.rope import apply_rotary
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not layer_ops.load(EngineConfig().kernel_cache_dir):
+        pytest.skip("no C++ compiler for the layer ops")
+    return torch.ops.conserve
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_rotary_in_place_on_strided_heads(ops, dtype, tol):
+    t, heads, kv_heads, d = 19, 9, 3, 64
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    angles = torch.rand(t, d // 2, generator=gen) * 100
+    cos, sin = angles.cos(), angles.sin()
+    qk = fused[:, : (heads + kv_heads) * d].view(t, -1, d)
+    v_before = fused[:, (heads + kv_heads) * d:].clone()
+    ref = apply_rotary(qk.double(), cos.double().unsqueeze(1), sin.double().unsqueeze(1))
+    ops.rotary_(qk, cos, sin)
+    assert (qk.double() - ref).abs().max() < tol
+    assert torch.equal(fused[:, (heads + kv_heads) * d:], v_before)  # v, beside it in the row, untouched
+
+
+def test_rotary_refuses_tables_of_the_wrong_shape(ops):
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        ops.rotary_(torch.zeros(4, 2, 8), torch.zeros(4, 3), torch.zeros(4, 3))
