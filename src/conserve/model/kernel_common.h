@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace conserve_kernels {
 
 template <typename T>
@@ -63,5 +67,48 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+#if defined(__AVX512F__)
+// exp_nonpositive (kernel_common.h) for 16 lanes; vscalefps applies the power of two.
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, whole);
+  __m512 p = _mm512_set1_ps(0.0018762329f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0089925840f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0558236045f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401545299f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931529682f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999999269f));
+  return _mm512_scalef_ps(p, whole);
+}
+
+inline __mmask16 first_lanes(int64_t n) {  // lanes 0 .. n-1 of 16
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// x[0:n] = exp(x[0:n] - max) in place (every x <= max); returns their sum. GCC leaves the scalar
+// exp_nonpositive loop unvectorised, so this is written in AVX-512 intrinsics.
+inline float exp_minus_max(float* x, int64_t n, float max) {
+  const __m512 vmax = _mm512_set1_ps(max);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), vmax));
+    _mm512_mask_storeu_ps(x + j, lanes, e);
+    sum = _mm512_mask_add_ps(sum, lanes, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+#else
+inline float exp_minus_max(float* x, int64_t n, float max) {
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = exp_nonpositive(x[j] - max);
+    sum += x[j];
+  }
+  return sum;
+}
+#endif
 
 }  // namespace conserve_kernels

@@ -26,7 +26,7 @@
 
 namespace {
 
-using conserve_kernels::exp_nonpositive;
+using conserve_kernels::exp_minus_max;
 using conserve_kernels::to_float;
 
 // The block's rows as float32: widened once per block (not once per query head that reads them);
@@ -67,6 +67,14 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int32_t* table
         const int64_t count = std::min(block_size, n - start);
         // A block's slots are consecutive: its K (and V) rows are one contiguous [count, d] run.
         const int64_t base = static_cast<int64_t>(table[start / block_size]) * block_size * d;
+        if (start + block_size < n) {  // blocks lie apart: ask for the next one while this one is used
+          const int64_t next = static_cast<int64_t>(table[start / block_size + 1]) * block_size * d;
+          const int64_t bytes = std::min(block_size, n - start - block_size) * d * sizeof(T);
+          for (int64_t off = 0; off < bytes; off += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(k_head + next) + off);
+            __builtin_prefetch(reinterpret_cast<const char*>(v_head + next) + off);
+          }
+        }
         const float* kb = block_as_float(k_head + base, kbuf.data(), count * d);
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = qf.data() + g * d;
@@ -81,13 +89,7 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int32_t* table
           const float block_max = *std::max_element(s, s + count);
           const float new_max = std::max(run_max[g], block_max);
           const float rescale = std::exp(run_max[g] - new_max);  // 0 on the first block (max was -inf)
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < count; ++j) {
-            s[j] = exp_nonpositive(s[j] - new_max);
-            sum += s[j];
-          }
-          run_sum[g] = run_sum[g] * rescale + sum;
+          run_sum[g] = run_sum[g] * rescale + exp_minus_max(s, count, new_max);
           run_max[g] = new_max;
           if (rescale != 1.f) {
             float* a = acc.data() + g * d;

@@ -194,26 +194,11 @@ void attend(const T* q, const T* k, const T* v, T* out, const Shapes& s) {
 // kernels do on GPUs.
 #include <immintrin.h>
 
+using conserve_kernels::exp_nonpositive16;
+using conserve_kernels::first_lanes;
+
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
-}
-
-// exp_nonpositive (kernel_common.h) for 16 lanes; vscalefps applies the power of two.
-inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, whole);
-  __m512 p = _mm512_set1_ps(0.0018762329f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0089925840f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0558236045f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401545299f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931529682f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999999269f));
-  return _mm512_scalef_ps(p, whole);
-}
-
-inline __mmask16 first_lanes(int64_t n) {  // lanes 0 .. n-1 of 16
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
 
 // One row of a key tile: probs = bf16(exp(scores * scale - new_max)) for the first `valid` keys, 0 after;
