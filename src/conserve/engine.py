@@ -30,9 +30,10 @@ from conserve.kv.sizing import (
     num_blocks_for,
 )
 from conserve.malloc_tuning import tune_malloc
-from conserve.model.attention import KVCache
 from conserve.model import flex_paged, layer_ops, paged_kernel, prefill_kernel
+from conserve.model.attention import KVCache
 from conserve.model.flex_paged import FlexDecode
+from conserve.model.layer_body import FusedLayerBody
 from conserve.model.loader import load_model
 from conserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from conserve.preemption import LayerPreemption
@@ -249,8 +250,8 @@ class Engine:
     def latency_cache_path(self) -> Path:
         """Where this engine's latency fit is cached: per model, dtype, device, machine and the kernels
         that change its timings (quantised matmuls, the prefill kernel)."""
-        kernels = self.loaded.model.quant_tag() + ("-pk" if self.runner.prefill_kernel else "")
-        kernels += "-fused" if layer_ops.available() and self.config.fused_ops != "off" else ""
+        kernels = "-".join(tag for tag in (self.loaded.model.quant_tag(), "pk" if self.runner.prefill_kernel else "",
+                                           "fused" if isinstance(self.loaded.model.body, FusedLayerBody) else "") if tag)
         return cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,
                           self.config.device, kernels)
 
