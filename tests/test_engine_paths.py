@@ -1,7 +1,7 @@
 """The faster paths change no float32 result: the compiled layer body (`--compile on`), the padded
 gather (`--attention gather`), FlexAttention's paged decode (`--attention flex`, CUDA's path, eager
 here), the prefill kernel's float32 path (`--prefill-attention kernel`) and eager element-wise ops
-(`--fused-ops off`) give the greedy tokens of the default engine (fused rotary embedding, paged
+(`--fused-ops off`) give the greedy tokens of the default engine (fused rotary and norms, paged
 kernel, torch's prefill attention for float32), which test_model_numerics holds to HF transformers. Prompts of mixed lengths are batched and
 chunked, so decodes of short and long contexts share iterations."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conserve.config import EngineConfig
 from conserve.model import layer_ops
@@ -37,3 +38,14 @@ def test_rotary_in_place_on_strided_heads(ops, dtype, tol):
 def test_rotary_refuses_tables_of_the_wrong_shape(ops):
     with pytest.raises(RuntimeError, match="cos and sin"):
         ops.rotary_(torch.zeros(4, 2, 8), torch.zeros(4, 3), torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_rms_norm_to(ops, dtype, tol, rows):
+    gen = torch.Generator().manual_seed(3)
+    h, w = torch.randn(rows, 576, generator=gen) * 3, torch.rand(576, generator=gen) + 0.5
+    ref = F.rms_norm(h.double(), (576,), w.double(), 1e-5)
+    out = ops.rms_norm_to(h, w, 1e-5, dtype)
+    assert out.dtype == dtype and out.shape == h.shape
+    assert ((out.double() - ref).abs() / (ref.abs() + 1)).max() < tol

@@ -170,8 +170,8 @@ class Engine:
         return paged_kernel.available()
 
     def _fused_ops(self) -> bool:
-        """The layer body's rotary embedding through layer_ops.py: on CPU, eager (a compiled body fuses it
-        itself), where the kernel builds."""
+        """The layer body's rotary embedding and norms through layer_ops.py: on CPU, eager (a compiled body
+        fuses them itself), where the kernels build."""
         config = self.config
         if config.fused_ops == "off" or config.compile == "on" or self.loaded.model.device.type != "cpu":
             return False

@@ -45,7 +45,7 @@ class LayerBody:
     def attn_in(self, h, norm, qkv, qkv_quant, qkv_bias, cos, sin):
         """h: [T, hidden] float32 residual stream. Returns q [T, heads, D], k and v [T, kv_heads, D]."""
         t = h.shape[0]
-        x = F.rms_norm(h, (self.hidden,), norm, self.eps).to(self.dtype)
+        x = self.norm(h, norm)
         y = linear(x, qkv, qkv_quant, qkv_bias)
         qk = apply_rotary(y[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
         v = y[:, self.q_size + self.kv_size:].view(t, self.kv_heads, self.head_dim)
@@ -54,7 +54,7 @@ class LayerBody:
     def attn_out(self, h, attn, o, o_quant, norm, gate_up, gate_up_quant, down, down_quant):
         """attn: [T, heads, D]. Returns the residual stream after the layer."""
         h = h + linear(attn.reshape(h.shape[0], self.q_size), o, o_quant)
-        x = F.rms_norm(h, (self.hidden,), norm, self.eps).to(self.dtype)
+        x = self.norm(h, norm)
         gate, up = linear(x, gate_up, gate_up_quant).chunk(2, dim=-1)
         return h + linear(F.silu(gate) * up, down, down_quant)
 
@@ -62,17 +62,24 @@ class LayerBody:
         """The cos/sin tables attn_in takes for these positions."""
         return rotary.tables(positions, self.dtype)
 
+    def norm(self, h, weight):
+        """RMS norm of the float32 residual stream, cast to the matmuls' dtype."""
+        return F.rms_norm(h, (self.hidden,), weight, self.eps).to(self.dtype)
+
 
 class FusedLayerBody(LayerBody):
-    """LayerBody with the rotary embedding as a single-pass CPU kernel (layer_ops.py); cos/sin come as
-    float32 [T, D/2] tables, rounded only with the rotated values."""
+    """LayerBody with the rotary embedding and the RMS norms as single-pass CPU kernels (layer_ops.py);
+    cos/sin come as float32 [T, D/2] tables, rounded only with the rotated values."""
 
     def rotary_tables(self, rotary, positions):
         return rotary.cos[positions], rotary.sin[positions]
 
+    def norm(self, h, weight):
+        return torch.ops.conserve.rms_norm_to(h, weight, self.eps, self.dtype)
+
     def attn_in(self, h, norm, qkv, qkv_quant, qkv_bias, cos, sin):
         t = h.shape[0]
-        x = F.rms_norm(h, (self.hidden,), norm, self.eps).to(self.dtype)
+        x = self.norm(h, norm)
         y = linear(x, qkv, qkv_quant, qkv_bias)
         qk = y[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
         torch.ops.conserve.rotary_(qk, cos, sin)
