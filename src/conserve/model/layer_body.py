@@ -47,9 +47,13 @@ class LayerBody:
         t = h.shape[0]
         x = self.norm(h, norm)
         y = linear(x, qkv, qkv_quant, qkv_bias)
-        qk = apply_rotary(y[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+        qk = self.rotate(y[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
         v = y[:, self.q_size + self.kv_size:].view(t, self.kv_heads, self.head_dim)
         return qk[:, : self.heads], qk[:, self.heads:], v
+
+    def rotate(self, qk, cos, sin):
+        """qk: [T, heads + kv_heads, D] -> rotated (a new tensor)."""
+        return apply_rotary(qk, cos, sin)
 
     def attn_out(self, h, attn, o, o_quant, norm, gate_up, gate_up_quant, down, down_quant):
         """attn: [T, heads, D]. Returns the residual stream after the layer."""
@@ -77,14 +81,9 @@ class FusedLayerBody(LayerBody):
     def norm(self, h, weight):
         return torch.ops.conserve.rms_norm_to(h, weight, self.eps, self.dtype)
 
-    def attn_in(self, h, norm, qkv, qkv_quant, qkv_bias, cos, sin):
-        t = h.shape[0]
-        x = self.norm(h, norm)
-        y = linear(x, qkv, qkv_quant, qkv_bias)
-        qk = y[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
-        torch.ops.conserve.rotary_(qk, cos, sin)
-        v = y[:, self.q_size + self.kv_size:].view(t, self.kv_heads, self.head_dim)
-        return qk[:, : self.heads], qk[:, self.heads:], v
+    def rotate(self, qk, cos, sin):
+        torch.ops.conserve.rotary_(qk, cos, sin)  # in place: q and k stay views of the projection's output
+        return qk
 
 
 class CompiledLayerBody(LayerBody):

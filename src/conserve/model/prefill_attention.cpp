@@ -31,6 +31,7 @@
 
 namespace {
 
+using conserve_kernels::exp_minus_max;
 using conserve_kernels::exp_nonpositive;
 using conserve_kernels::widen;
 
@@ -103,36 +104,83 @@ struct Shapes {
   float scale;
 };
 
+// One unit of work: a KV head and a tile of query positions; its rows m are position-major
+// (m = position * group + head in the group), padded to whole register blocks.
+struct Unit {
+  int64_t h, first, positions, rows, padded, keys, offset, group;
+
+  // Units are numbered so the longest and shortest tiles interleave (0, last, 1, last - 1, ...): the
+  // threads' contiguous shares of a causal triangle come out even.
+  static Unit of(int64_t unit, int64_t tiles, const Shapes& s) {
+    const int64_t group = s.heads / s.kv_heads, order = unit / s.kv_heads;
+    const int64_t tile = order % 2 == 0 ? order / 2 : tiles - 1 - order / 2;
+    const int64_t first = tile * QUERY_TILE, positions = std::min(QUERY_TILE, s.rows - first);
+    const int64_t rows = positions * group, offset = s.ctx - s.rows;  // offset: keys before the chunk
+    return {unit % s.kv_heads, first, positions, rows, (rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK,
+            offset + first + positions, offset, group};
+  }
+
+  // The first register block holding a row that sees any key of the tile at `start` (rows before it end
+  // earlier: they are ordered by position).
+  int64_t live_from(int64_t start) const {
+    return std::max<int64_t>(0, start - offset - first) * group / ROW_BLOCK * ROW_BLOCK;
+  }
+
+  // How many of the tile's `count` keys row m sees (0 for padding rows).
+  int64_t valid(int64_t m, int64_t start, int64_t count) const {
+    return m < rows ? std::min(count, offset + first + m / group + 1 - start) : 0;
+  }
+};
+
+inline int64_t max_unit_rows(const Shapes& s) {
+  return (QUERY_TILE * (s.heads / s.kv_heads) + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
+}
+
+// The online softmax's bookkeeping for row m after a tile: the sum folds in `tile_sum` (exps taken
+// against `new_max`) and the accumulator is rescaled when the max moved.
+template <int64_t D>
+inline void fold_tile(float* acc, float& run_max, float& run_sum, float new_max, float tile_sum) {
+  const float rescale = exp_nonpositive(run_max - new_max);  // ~0 on the first tile (max was -inf)
+  run_sum = run_sum * rescale + tile_sum;
+  run_max = new_max;
+  if (rescale != 1.f) {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) acc[i] *= rescale;
+  }
+}
+
+// out rows of the unit = acc / run_sum, in the output dtype.
+template <typename T, int64_t D>
+inline void write_unit(const Unit& u, const float* acc, const float* run_sum, T* out, const Shapes& s) {
+  for (int64_t m = 0; m < u.rows; ++m) {
+    T* dst = out + (u.first + m / u.group) * s.heads * D + (u.h * u.group + m % u.group) * D;
+    const float inv = 1.f / run_sum[m];  // every row sees at least its own key
+    for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[m * D + i] * inv);
+  }
+}
+
 template <typename T, int64_t D>
 void attend(const T* q, const T* k, const T* v, T* out, const Shapes& s) {
-  const int64_t group = s.heads / s.kv_heads;
-  const int64_t offset = s.ctx - s.rows;  // keys before the chunk's first row
   const int64_t tiles = (s.rows + QUERY_TILE - 1) / QUERY_TILE;
-  const int64_t max_rows = (QUERY_TILE * group + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
+  const int64_t max_rows = max_unit_rows(s);
   at::parallel_for(0, tiles * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(max_rows * D), acc(max_rows * D), scores(max_rows * KEY_TILE);
     std::vector<float> kt(D * KEY_TILE), vf(KEY_TILE * D), run_max(max_rows), run_sum(max_rows);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      // Interleave the longest and shortest tiles: 0, last, 1, last - 1, ...
-      const int64_t order = unit / s.kv_heads, h = unit % s.kv_heads;
-      const int64_t tile = order % 2 == 0 ? order / 2 : tiles - 1 - order / 2;
-      const int64_t first = tile * QUERY_TILE, positions = std::min(QUERY_TILE, s.rows - first);
-      const int64_t m_rows = positions * group;
-      const int64_t m_padded = (m_rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
-      for (int64_t p = 0; p < positions; ++p) {
-        const T* src = q + (first + p) * s.q_row_stride + h * group * D;
-        float* dst = qf.data() + p * group * D;
-        for (int64_t i = 0; i < group * D; ++i) dst[i] = widen(src[i]) * s.scale;
+    for (int64_t index = begin; index < end; ++index) {
+      const Unit u = Unit::of(index, tiles, s);
+      for (int64_t p = 0; p < u.positions; ++p) {
+        const T* src = q + (u.first + p) * s.q_row_stride + u.h * u.group * D;
+        float* dst = qf.data() + p * u.group * D;
+        for (int64_t i = 0; i < u.group * D; ++i) dst[i] = widen(src[i]) * s.scale;
       }
-      std::fill(qf.begin() + m_rows * D, qf.begin() + m_padded * D, 0.f);
-      std::fill(acc.begin(), acc.begin() + m_padded * D, 0.f);
+      std::fill(qf.begin() + u.rows * D, qf.begin() + u.padded * D, 0.f);
+      std::fill(acc.begin(), acc.begin() + u.padded * D, 0.f);
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      const T* k_head = k + h * s.k_head_stride;
-      const T* v_head = v + h * s.v_head_stride;
-      const int64_t keys = offset + first + positions;  // the last row's keys
-      for (int64_t start = 0; start < keys; start += KEY_TILE) {
-        const int64_t count = std::min(KEY_TILE, keys - start);
+      const T* k_head = k + u.h * s.k_head_stride;
+      const T* v_head = v + u.h * s.v_head_stride;
+      for (int64_t start = 0; start < u.keys; start += KEY_TILE) {
+        const int64_t count = std::min(KEY_TILE, u.keys - start);
         for (int64_t j = 0; j < count; ++j) {
           const T* kr = k_head + (start + j) * s.k_row_stride;
           const T* vr = v_head + (start + j) * s.v_row_stride;
@@ -141,45 +189,25 @@ void attend(const T* q, const T* k, const T* v, T* out, const Shapes& s) {
         }
         for (int64_t j = count; j < KEY_TILE; ++j)
           for (int64_t i = 0; i < D; ++i) kt[i * KEY_TILE + j] = 0.f;
-        // Rows whose last key comes before this tile: none below `live` when ordered by position.
-        const int64_t first_live = std::max<int64_t>(0, start - offset - first) * group;
-        const int64_t live_from = first_live / ROW_BLOCK * ROW_BLOCK;
-        for (int64_t m = live_from; m < m_padded; m += ROW_BLOCK)
+        const int64_t live_from = u.live_from(start);
+        for (int64_t m = live_from; m < u.padded; m += ROW_BLOCK)
           score_block<D>(qf.data() + m * D, kt.data(), scores.data() + m * KEY_TILE);
-        for (int64_t m = live_from; m < m_padded; ++m) {
+        for (int64_t m = live_from; m < u.padded; ++m) {
           float* row = scores.data() + m * KEY_TILE;
-          const int64_t valid = m < m_rows ? std::min(count, offset + first + m / group + 1 - start) : 0;
+          const int64_t valid = u.valid(m, start, count);
           if (valid <= 0) {
             std::fill(row, row + KEY_TILE, 0.f);
             continue;
           }
-          const float tile_max = *std::max_element(row, row + valid);
-          const float new_max = std::max(run_max[m], tile_max);
-          const float rescale = exp_nonpositive(run_max[m] - new_max);  // 0 on the first tile (max was -inf)
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < valid; ++j) {
-            row[j] = exp_nonpositive(row[j] - new_max);
-            sum += row[j];
-          }
+          const float new_max = std::max(run_max[m], *std::max_element(row, row + valid));
+          const float sum = exp_minus_max(row, valid, new_max);
           std::fill(row + valid, row + KEY_TILE, 0.f);
-          run_sum[m] = run_sum[m] * rescale + sum;
-          run_max[m] = new_max;
-          if (rescale != 1.f) {
-            float* a = acc.data() + m * D;
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) a[i] *= rescale;
-          }
+          fold_tile<D>(acc.data() + m * D, run_max[m], run_sum[m], new_max, sum);
         }
-        for (int64_t m = live_from; m < m_padded; m += ROW_BLOCK)
+        for (int64_t m = live_from; m < u.padded; m += ROW_BLOCK)
           value_block<D>(scores.data() + m * KEY_TILE, vf.data(), acc.data() + m * D, count);
       }
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const int64_t p = m / group, g = m % group;
-        T* dst = out + (first + p) * s.heads * D + (h * group + g) * D;
-        const float inv = 1.f / run_sum[m];  // every row sees at least its own key
-        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[m * D + i] * inv);
-      }
+      write_unit<T, D>(u, acc.data(), run_sum.data(), out, s);
     }
   });
 }
@@ -253,38 +281,30 @@ void pack_kv(const c10::BFloat16* k, const c10::BFloat16* v, const Shapes& s, in
 template <int64_t D>
 void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, c10::BFloat16* out,
                  const Shapes& s) {
-  const int64_t group = s.heads / s.kv_heads;
-  const int64_t offset = s.ctx - s.rows;
   const int64_t tiles = (s.rows + QUERY_TILE - 1) / QUERY_TILE;
   const int64_t key_tiles = (s.ctx + KEY_TILE - 1) / KEY_TILE;
-  const int64_t max_rows = (QUERY_TILE * group + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
+  const int64_t max_rows = max_unit_rows(s);
   std::vector<uint32_t> kp(s.kv_heads * key_tiles * (D / 2) * KEY_TILE), vp(s.kv_heads * key_tiles * (KEY_TILE / 2) * D);
   pack_kv<D>(k, v, s, key_tiles, kp.data(), vp.data());
   at::parallel_for(0, tiles * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> qb(max_rows * D / 2);  // query rows as bf16 pairs
     std::vector<uint16_t> probs(max_rows * KEY_TILE);
     std::vector<float> acc(max_rows * D), scores(max_rows * KEY_TILE), run_max(max_rows), run_sum(max_rows);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t order = unit / s.kv_heads, h = unit % s.kv_heads;
-      const int64_t tile = order % 2 == 0 ? order / 2 : tiles - 1 - order / 2;
-      const int64_t first = tile * QUERY_TILE, positions = std::min(QUERY_TILE, s.rows - first);
-      const int64_t m_rows = positions * group;
-      const int64_t m_padded = (m_rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
-      for (int64_t p = 0; p < positions; ++p)
-        std::memcpy(qb.data() + p * group * D / 2, q + (first + p) * s.q_row_stride + h * group * D,
-                    group * D * sizeof(c10::BFloat16));
-      std::fill(qb.begin() + m_rows * D / 2, qb.begin() + m_padded * D / 2, 0u);
-      std::fill(acc.begin(), acc.begin() + m_padded * D, 0.f);
+    for (int64_t index = begin; index < end; ++index) {
+      const Unit u = Unit::of(index, tiles, s);
+      for (int64_t p = 0; p < u.positions; ++p)
+        std::memcpy(qb.data() + p * u.group * D / 2, q + (u.first + p) * s.q_row_stride + u.h * u.group * D,
+                    u.group * D * sizeof(c10::BFloat16));
+      std::fill(qb.begin() + u.rows * D / 2, qb.begin() + u.padded * D / 2, 0u);
+      std::fill(acc.begin(), acc.begin() + u.padded * D, 0.f);
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      const int64_t keys = offset + first + positions;
-      for (int64_t start = 0; start < keys; start += KEY_TILE) {
-        const int64_t count = std::min(KEY_TILE, keys - start);
-        const uint32_t* kt = kp.data() + (h * key_tiles + start / KEY_TILE) * (D / 2) * KEY_TILE;
-        const uint32_t* vt = vp.data() + (h * key_tiles + start / KEY_TILE) * (KEY_TILE / 2) * D;
-        const int64_t first_live = std::max<int64_t>(0, start - offset - first) * group;
-        const int64_t live_from = first_live / ROW_BLOCK * ROW_BLOCK;
-        for (int64_t m = live_from; m < m_padded; m += ROW_BLOCK) {
+      for (int64_t start = 0; start < u.keys; start += KEY_TILE) {
+        const int64_t count = std::min(KEY_TILE, u.keys - start);
+        const uint32_t* kt = kp.data() + (u.h * key_tiles + start / KEY_TILE) * (D / 2) * KEY_TILE;
+        const uint32_t* vt = vp.data() + (u.h * key_tiles + start / KEY_TILE) * (KEY_TILE / 2) * D;
+        const int64_t live_from = u.live_from(start);
+        for (int64_t m = live_from; m < u.padded; m += ROW_BLOCK) {
           const uint32_t* q0 = qb.data() + m * D / 2;
           for (int64_t jb = 0; jb < KEY_TILE; jb += 32) {
             __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
@@ -306,27 +326,20 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFlo
             _mm512_storeu_ps(out_s + 3 * KEY_TILE, a30), _mm512_storeu_ps(out_s + 3 * KEY_TILE + 16, a31);
           }
         }
-        for (int64_t m = live_from; m < m_padded; ++m) {
+        for (int64_t m = live_from; m < u.padded; ++m) {
           float* row = scores.data() + m * KEY_TILE;
           uint16_t* prow = probs.data() + m * KEY_TILE;
-          const int64_t valid = m < m_rows ? std::min(count, offset + first + m / group + 1 - start) : 0;
+          const int64_t valid = u.valid(m, start, count);
           if (valid <= 0) {
             std::fill(prow, prow + KEY_TILE, uint16_t{0});
             continue;
           }
           const float new_max = std::max(run_max[m], row_max(row, valid, s.scale));
-          const float rescale = exp_nonpositive(run_max[m] - new_max);
           const float sum = row_probs(row, prow, valid, s.scale, new_max);
-          run_sum[m] = run_sum[m] * rescale + sum;
-          run_max[m] = new_max;
-          if (rescale != 1.f) {
-            float* a = acc.data() + m * D;
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) a[i] *= rescale;
-          }
+          fold_tile<D>(acc.data() + m * D, run_max[m], run_sum[m], new_max, sum);
         }
         const int64_t pairs = (count + 1) / 2;
-        for (int64_t m = live_from; m < m_padded; m += ROW_BLOCK) {
+        for (int64_t m = live_from; m < u.padded; m += ROW_BLOCK) {
           const uint32_t* p0 = reinterpret_cast<const uint32_t*>(probs.data() + m * KEY_TILE);
           float* a = acc.data() + m * D;
           for (int64_t ib = 0; ib < D; ib += 32) {
@@ -350,12 +363,7 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFlo
           }
         }
       }
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const int64_t p = m / group, g = m % group;
-        c10::BFloat16* dst = out + (first + p) * s.heads * D + (h * group + g) * D;
-        const float inv = 1.f / run_sum[m];
-        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<c10::BFloat16>(acc[m * D + i] * inv);
-      }
+      write_unit<c10::BFloat16, D>(u, acc.data(), run_sum.data(), out, s);
     }
   });
 }
