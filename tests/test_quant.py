@@ -118,14 +118,22 @@ def test_modes_quantise_the_projections_and_lm_head():
     assert isinstance(int4.lm_head_quant, Int8Weight)
 
 
+def quant_wins_below(limit: int):
+    """A fake _time: the quantised pass takes half the dense time up to `limit` tokens, twice it after."""
+    def fake(group, inputs, use_quant):
+        tokens = next(iter(inputs.values())).shape[0]
+        return (0.5 if tokens <= limit else 2.0) if use_quant else 1.0
+    return fake
+
+
 def test_crossover_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     net = tiny_model("int8")
+    monkeypatch.setattr(quant_tuning, "_time", quant_wins_below(4))
     first = quant_tuning.tune(net, tmp_path)
     files = list(tmp_path.glob("quant-*.json"))
     assert len(files) == 1
-    assert json.loads(files[0].read_text())["layers_max_tokens"] == first.layers_max_tokens
+    assert json.loads(files[0].read_text())["layers_max_tokens"] == first.layers_max_tokens == 4
     assert first.timings_ms["layers"] and first.timings_ms["layers"][0][0] == 1
-    assert 0 <= first.layers_max_tokens <= max(quant_tuning.TOKENS)
 
     def no_measuring(*args):
         raise AssertionError("measured again despite the cache")
@@ -138,14 +146,29 @@ def test_crossover_is_measured_once_then_read_from_the_cache(tmp_path, monkeypat
         quant_tuning.tune(net, tmp_path)
 
 
+def test_a_cached_verdict_that_no_longer_holds_is_measured_again(tmp_path, monkeypatch):
+    # A cache written under a busy CPU said "never quantise"; at one token quantised now wins clearly.
+    net = tiny_model("int8")
+    path = quant_tuning.cache_file(tmp_path, net)
+    path.write_text(json.dumps({"layers_max_tokens": 0, "lm_head_max_rows": 0, "timings_ms": {}}))
+    monkeypatch.setattr(quant_tuning, "_time", quant_wins_below(2))
+    tuning = quant_tuning.tune(net, tmp_path)
+    assert tuning.layers_max_tokens == 2
+    assert json.loads(path.read_text())["layers_max_tokens"] == 2
+
+
+def test_a_measurement_cut_short_is_used_but_not_cached(tmp_path, monkeypatch):
+    net = tiny_model("int8")
+    monkeypatch.setattr(quant_tuning, "_time", quant_wins_below(2))
+    monkeypatch.setattr(quant_tuning, "BUDGET_S", -1.0)  # past the deadline after the first round
+    tuning = quant_tuning.tune(net, tmp_path)
+    assert tuning.layers_max_tokens == 1 and not tuning.settled
+    assert not list(tmp_path.glob("quant-*.json"))
+
+
 def test_crossover_stops_where_quantised_loses(monkeypatch):
     net = tiny_model("int4")
-    # Fake timings: the quantised pass wins up to 4 tokens and loses from 8 on.
-    def fake(group, inputs, use_quant):
-        tokens = next(iter(inputs.values())).shape[0]
-        return (0.5 if tokens <= 4 else 2.0) if use_quant else 1.0
-
-    monkeypatch.setattr(quant_tuning, "_time", fake)
+    monkeypatch.setattr(quant_tuning, "_time", quant_wins_below(4))
     tuning = quant_tuning.tune(net, None)
     assert tuning.layers_max_tokens == 4
     assert [row[0] for row in tuning.timings_ms["layers"]] == [1, 2, 4, 8]
