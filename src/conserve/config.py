@@ -94,9 +94,10 @@ class EngineConfig(Flagged):
         "torch's), float32 ones elsewhere (torch's speed). `sdpa`: torch's scaled_dot_product_attention. "
         "`auto`: the kernel for bfloat16 on CPUs with AVX512-BF16, else sdpa", choices=list(PREFILL_ATTENTION_MODES))
     fused_ops: str = flag(
-        "auto", "`auto`: on CPU, the layer body's rotary embedding and RMS norms run as single-pass C++ "
-        "kernels (built at first start like `--attention kernel`; with `--compile on` inductor fuses them "
-        "instead). `off`: eager torch ops, for comparison", choices=["auto", "off"])
+        "auto", "`auto`: on CPU, the layer body's rotary embedding and RMS norms, the greedy argmax and the "
+        "logits' top-k run as single-pass C++ kernels (built at first start like `--attention kernel`; with "
+        "`--compile on` inductor fuses the layer body's instead). `off`: eager torch ops, for comparison",
+        choices=["auto", "off"])
     int4: str | None = flag(None, "deprecated: `--int4 off` = `--quantization none`; `--int4 auto` changes "
                             "nothing", type=str, choices=["auto", "off"])
     kv_cache_gb: float | str = flag("auto", "memory for the paged KV cache, GiB; `auto` = 25% of the memory "

@@ -30,7 +30,7 @@ from conserve.kv.sizing import (
     num_blocks_for,
 )
 from conserve.malloc_tuning import tune_malloc
-from conserve.model import flex_paged, layer_ops, paged_kernel, prefill_kernel
+from conserve.model import flex_paged, layer_ops, logits_ops, paged_kernel, prefill_kernel
 from conserve.model.attention import KVCache
 from conserve.model.flex_paged import FlexDecode
 from conserve.model.layer_body import FusedLayerBody
@@ -110,6 +110,7 @@ class Engine:
         self.loaded = loaded
         if self._fused_ops():
             loaded.model.use_fused_ops()
+        loaded.model.fused_logits = self._fused_logits()
         self.tokenizer = loaded.tokenizer
         c = loaded.config
         per_block = KVCache.bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
@@ -176,6 +177,14 @@ class Engine:
         if config.fused_ops == "off" or config.compile == "on" or self.loaded.model.device.type != "cpu":
             return False
         return layer_ops.load(config.kernel_cache_dir)
+
+    def _fused_logits(self) -> bool:
+        """Greedy argmax and the logit refinement's top-k through logits_ops.py, on CPU, unless
+        --fused-ops off (outside the compiled layer body, so also with --compile on)."""
+        config = self.config
+        if config.fused_ops == "off" or self.loaded.model.device.type != "cpu":
+            return False
+        return logits_ops.load(config.kernel_cache_dir)
 
     def _prefill_kernel(self) -> bool:
         mode, model = self.config.prefill_attention, self.loaded.model

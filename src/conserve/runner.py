@@ -88,7 +88,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[suspended.sample_index])
         if self.sample_vocab is not None:
             logits = logits[:, : self.sample_vocab]
-        tokens, logprobs = sample(logits, [self._sampling_row(r) for r in requests], self.uploads)
+        tokens, logprobs = sample(logits, [self._sampling_row(r) for r in requests], self.uploads,
+                                  self.model.fused_logits)
         result = RunnerOutput()
         for request, token, lp in zip(requests, tokens, logprobs):
             result.sampled[request.request_id] = token

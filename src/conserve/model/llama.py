@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conserve.errors import ModelLoadError
 from conserve.model.attention import AttentionMetadata, KVCache, paged_attention
 from conserve.model.config import ModelConfig
-from conserve.model import quant
+from conserve.model import logits_ops, quant
 from conserve.model.int4 import Q4Blocks
 from conserve.model.layer_body import CompiledLayerBody, FusedLayerBody, LayerBody, linear, timed_warmup
 from conserve.model.quant import QuantWeight
@@ -98,6 +98,7 @@ class LlamaModel:
         self.lm_head_quant: QuantWeight | None = None
         self.lm_head_quant_max_rows = 0
         self.body: LayerBody = LayerBody(config, dtype)  # Compiled/FusedLayerBody after compile()/use_fused_ops()
+        self.fused_logits = False  # argmax / top-k over logits through logits_ops.py (set by the engine)
 
     # -- weights -------------------------------------------------------------------------------
     def _expected_names(self):
@@ -299,7 +300,7 @@ class LlamaModel:
             # A bfloat16 logit near 25 is rounded to 1/8: enough to tie the two best tokens (int8 weights
             # err more). Recompute the few candidates that decide greedy choice and top logprobs in
             # float32 from the dense weights (~1 ms at 32 rows).
-            top = logits.topk(REFINED_LOGITS, dim=-1).indices
+            top = logits_ops.top_indices(logits, REFINED_LOGITS, self.fused_logits)
             exact = torch.einsum("nd,nkd->nk", x, self.lm_head_plain[top].float())
             logits.scatter_(1, top, exact)
         return logits
