@@ -24,13 +24,15 @@ def test_argmax_matches_torch(vocab):
 
 
 def test_argmax_first_of_ties_inf_and_nan():
-    logits = torch.full((5, 40), float("-inf"))
+    logits = torch.full((5, 128), float("-inf"))
     logits[1, [3, 20, 37]] = 2.0  # ties: the first wins, as in torch
     logits[2, 33] = float("inf")
     logits[3, [5, 30]] = float("nan")  # NaN counts as the largest: its first index
     logits[3, 10] = 9.0
     logits[4] = 1.0
-    expect = torch.tensor([0, 3, 33, 5, 0])
+    logits[4, 70] = float("inf")  # inf and -inf side by side: their sum is NaN, the values are not
+    logits[4, 86] = float("-inf")
+    expect = torch.tensor([0, 3, 33, 5, 70])
     assert torch.equal(logits_ops.argmax_rows(logits, True), expect)
     assert torch.equal(logits.argmax(dim=-1), expect)
 
