@@ -73,7 +73,7 @@ def test_auto_choices_on_the_avx2_path(llm_fp32):
 @pytest.mark.skipif(forced_here or not x86, reason="already forced, or not an x86 CPU")
 def test_numerics_hold_on_the_forced_avx2_path():
     # float32 only: with bf16 emulated on AVX2, the bf16 cases would take minutes and test nothing new.
-    tests = ["tests/test_paged_kernel.py", "tests/test_prefill_kernel.py", "tests/test_logits_ops.py",
+    tests = ["tests/test_paged_kernel.py", "tests/test_prefill_kernel.py", "tests/test_logits_ops.py", "tests/test_layer_ops.py",
              "tests/test_quant_agreement.py",
              "tests/test_isa_paths.py::test_auto_choices_on_the_avx2_path"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-k", "not bfloat16", *tests]

@@ -49,3 +49,29 @@ def test_rms_norm_to(ops, dtype, tol, rows):
     out = ops.rms_norm_to(h, w, 1e-5, dtype)
     assert out.dtype == dtype and out.shape == h.shape
     assert ((out.double() - ref).abs() / (ref.abs() + 1)).max() < tol
+
+
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_add_rms_norm(ops, y_dtype, dtype, tol):
+    gen = torch.Generator().manual_seed(4)
+    h, w = torch.randn(7, 576, generator=gen) * 3, torch.rand(576, generator=gen) + 0.5
+    y = torch.randn(7, 576, generator=gen).to(y_dtype)
+    total, out = ops.add_rms_norm(h, y, w, 1e-5, dtype)
+    assert torch.equal(total, h + y)  # the residual stream exactly as eager's type-promoting add
+    ref = F.rms_norm(total.double(), (576,), w.double(), 1e-5)
+    assert out.dtype == dtype and ((out.double() - ref).abs() / (ref.abs() + 1)).max() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("inter", [1536, 40])  # SmolLM2's width, and one that ends in a partial vector
+def test_silu_mul(ops, dtype, tol, inter):
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(5, 2 * inter, generator=gen) * 6).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated both ways, and zero
+    gate, up = x.double().chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    out = ops.silu_mul(x)
+    assert out.dtype == dtype and out.shape == (5, inter)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() / (ref.abs() + 1)).max() < tol

@@ -72,8 +72,9 @@ class LayerBody:
 
 
 class FusedLayerBody(LayerBody):
-    """LayerBody with the rotary embedding and the RMS norms as single-pass CPU kernels (layer_ops.py);
-    cos/sin come as float32 [T, D/2] tables, rounded only with the rotated values."""
+    """LayerBody with the rotary embedding, the RMS norms (the first after attention with its residual
+    add) and SiLU-gating as single-pass CPU kernels (layer_ops.py); cos/sin come as float32 [T, D/2]
+    tables, rounded only with the rotated values."""
 
     def rotary_tables(self, rotary, positions):
         return rotary.cos[positions], rotary.sin[positions]
@@ -84,6 +85,11 @@ class FusedLayerBody(LayerBody):
     def rotate(self, qk, cos, sin):
         torch.ops.conserve.rotary_(qk, cos, sin)  # in place: q and k stay views of the projection's output
         return qk
+
+    def attn_out(self, h, attn, o, o_quant, norm, gate_up, gate_up_quant, down, down_quant):
+        y = linear(attn.reshape(h.shape[0], self.q_size), o, o_quant)
+        h, x = torch.ops.conserve.add_rms_norm(h, y, norm, self.eps, self.dtype)
+        return h + linear(torch.ops.conserve.silu_mul(linear(x, gate_up, gate_up_quant)), down, down_quant)
 
 
 class CompiledLayerBody(LayerBody):
