@@ -30,6 +30,7 @@ from conserve.kv.sizing import (
     num_blocks_for,
 )
 from conserve.malloc_tuning import tune_malloc
+from conserve.model.gemm_kernel import PanelWeight
 from conserve.model import flex_paged, layer_ops, logits_ops, paged_kernel, prefill_kernel
 from conserve.model.attention import KVCache
 from conserve.model.flex_paged import FlexDecode
@@ -106,7 +107,8 @@ class Engine:
         self.config = config = config or EngineConfig(**kwargs)
         tune_malloc()
         loaded = load_model(config.model, config.dtype, config.device, config.max_model_len, config.quantization,
-                            config.quant_max_tokens, config.kernel_cache_dir, config.compile, config.load_format)
+                            config.quant_max_tokens, config.kernel_cache_dir, config.compile, config.load_format,
+                            config.gemm_kernel)
         self.loaded = loaded
         if self._fused_ops():
             loaded.model.use_fused_ops()
@@ -258,9 +260,11 @@ class Engine:
 
     def latency_cache_path(self) -> Path:
         """Where this engine's latency fit is cached: per model, dtype, device, machine and the kernels
-        that change its timings (quantised matmuls, the prefill kernel)."""
-        kernels = "-".join(tag for tag in (self.loaded.model.quant_tag(), "pk" if self.runner.prefill_kernel else "",
-                                           "fused" if isinstance(self.loaded.model.body, FusedLayerBody) else "") if tag)
+        that change its timings (quantised matmuls, the prefill kernel, fused ops, the matmul kernel)."""
+        model = self.loaded.model
+        kernels = "-".join(tag for tag in (model.quant_tag(), "pk" if self.runner.prefill_kernel else "",
+                                           "fused" if isinstance(model.body, FusedLayerBody) else "",
+                                           "gemm" if isinstance(model.lm_head, PanelWeight) else "") if tag)
         return cache_path(Path(self.config.latency_cache_dir), self.loaded.name, self.loaded.model.dtype,
                           self.config.device, kernels)
 

@@ -21,14 +21,17 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 from conserve.model.config import ModelConfig
+from conserve.model.gemm_kernel import PanelWeight
 from conserve.model.quant import QuantWeight
 from conserve.model.rope import apply_rotary
 
 log = logging.getLogger(__name__)
 
-def linear(x: torch.Tensor, dense: torch.Tensor, quantized: QuantWeight | None,
+def linear(x: torch.Tensor, dense: torch.Tensor | PanelWeight, quantized: QuantWeight | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     if quantized is None:
+        if isinstance(dense, PanelWeight):
+            return dense.matmul(x, bias)
         if dense.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, dense, bias, "none", [], "")
         return F.linear(x, dense, bias)

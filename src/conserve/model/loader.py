@@ -16,7 +16,7 @@ from conserve.model.config import ModelConfig
 from conserve.model.dummy import dummy_source, dummy_tokenizer, init_dummy_weights
 from conserve.model.gguf_loader import gguf_hf_config, iter_gguf_tensors, open_gguf
 from conserve.model.hf_loader import iter_safetensors, read_hf_config, safetensors_files
-from conserve.config import COMPILE_MODES, LOAD_FORMATS
+from conserve.config import COMPILE_MODES, GEMM_KERNEL_MODES, LOAD_FORMATS
 from conserve.model.layer_body import use_compile_cache
 from conserve.model.llama import LlamaModel
 from conserve.model.quant import check_mode
@@ -77,12 +77,14 @@ def cpu_has_native_bf16() -> bool:
 def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                max_model_len: int | None = None, quantization: str = "auto", quant_max_tokens: int | None = None,
                kernel_cache_dir: str | Path | None = None, compile: str = "off",
-               load_format: str = "auto") -> LoadedModel:
+               load_format: str = "auto", gemm_kernel: str = "auto") -> LoadedModel:
     """quantization: auto | none | int8 | int4, which weights get weight-only quantised matmuls (see
     model/quant.py). quant_max_tokens: the largest iteration that uses them; None measures it
     (model/quant_tuning.py), cached in kernel_cache_dir. compile: on | off, whether the layer body runs
     through torch.compile (model/layer_body.py), with inductor's caches under kernel_cache_dir.
-    load_format: auto (read the weights) | dummy (random weights of the model's shape, model/dummy.py)."""
+    load_format: auto (read the weights) | dummy (random weights of the model's shape, model/dummy.py).
+    gemm_kernel: auto (bfloat16 projections on conserve's AVX512-BF16 kernel where it builds and the
+    CPU has it, model/gemm_kernel.py) | off (oneDNN)."""
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     mode = check_mode(quantization) if dev.type == "cpu" else "none"  # the kernels are CPU ones
@@ -130,7 +132,8 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
         else:
             for tensor_name, tensor, q4, file_type in tensors(hf):
                 net.load_weight(tensor_name, tensor, q4, file_type)
-        net.finish_loading(source, max_len, mode, prepack=compile == "off")
+        net.finish_loading(source, max_len, mode, prepack=compile == "off",
+                           panels=_use_gemm_kernel(gemm_kernel, net, kernel_cache_dir))
         _choose_quant_sizes(net, mode, quant_max_tokens, kernel_cache_dir)
         if compile == "on":
             use_compile_cache(Path(kernel_cache_dir or DEFAULT_KERNEL_CACHE).expanduser() / "inductor")
@@ -143,6 +146,16 @@ def load_model(model: str | Path | None, dtype: str | torch.dtype = "auto", devi
     if load_format == "dummy" and tokenizer.vocab_size < config.vocab_size:
         sample_vocab = tokenizer.vocab_size
     return LoadedModel(path, name, config, net, tokenizer, max_len, sample_vocab)
+
+
+def _use_gemm_kernel(mode: str, net: LlamaModel, cache_dir: str | Path | None) -> bool:
+    if mode not in GEMM_KERNEL_MODES:
+        raise ValueError(f"gemm_kernel must be one of {', '.join(GEMM_KERNEL_MODES)}, got {mode!r}")
+    if mode == "off" or net.dtype != torch.bfloat16 or net.device.type != "cpu":
+        return False
+    from conserve.model import gemm_kernel as kernel
+
+    return kernel.load(Path(cache_dir or DEFAULT_KERNEL_CACHE).expanduser())
 
 
 def _choose_quant_sizes(net: LlamaModel, mode: str, max_tokens: int | None, cache_dir: str | Path | None) -> None:

@@ -51,7 +51,8 @@ class QuantTuning:
 
 def cache_file(cache_dir: Path, model: LlamaModel) -> Path:
     pairs = model.layer_projections()
-    shapes = [(tuple(d.shape), type(q).__name__) for d, q in pairs]
+    # The dense side's kind too (oneDNN-packed or conserve's panels): the cross-over moves with it.
+    shapes = [(tuple(d.shape), type(d).__name__, type(q).__name__) for d, q in pairs]
     if model.lm_head_quant is not None:
         shapes.append(((model.lm_head_quant.out_features, model.lm_head_quant.in_features), "lm_head"))
     sig = hashlib.sha1(f"{torch.__version__}|{shapes}".encode()).hexdigest()[:10]
