@@ -64,6 +64,23 @@ def test_model_uses_panels_only_when_asked():
     on = load_model(None, "bfloat16", load_format="dummy", max_model_len=64)
     off = load_model(None, "bfloat16", load_format="dummy", max_model_len=64, gemm_kernel="off")
     assert isinstance(on.model.layers[0].qkv, PanelWeight) and isinstance(on.model.lm_head, PanelWeight)
+    assert on.model.layers[0].gate_up.gated and not on.model.layers[0].qkv.gated
     assert not isinstance(off.model.layers[0].qkv, PanelWeight)
     with pytest.raises(ValueError, match="gemm_kernel"):
         load_model(None, "bfloat16", load_format="dummy", max_model_len=64, gemm_kernel="maybe")
+
+
+@pytest.mark.parametrize("rows", [1, 9, 70])
+@pytest.mark.parametrize("inter", [96, 40])  # whole panels, and a half that ends inside one
+def test_gated_packing(rows, inter):
+    gen = torch.Generator().manual_seed(rows + inter)
+    w = (torch.randn(2 * inter, 64, generator=gen) * 0.3).to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    gated = PanelWeight(w, gated=True)
+    # matmul gives [gate | up] exactly as the plain packing does.
+    assert torch.equal(gated.matmul(x), PanelWeight(w).matmul(x))
+    both = x.double() @ w.double().t()
+    ref = torch.nn.functional.silu(both[:, :inter]) * both[:, inter:]
+    out = gated.silu_matmul(x)
+    assert out.shape == (rows, inter)
+    assert relative_error(out, ref) < 8e-3

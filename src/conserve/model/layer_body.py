@@ -92,7 +92,11 @@ class FusedLayerBody(LayerBody):
     def attn_out(self, h, attn, o, o_quant, norm, gate_up, gate_up_quant, down, down_quant):
         y = linear(attn.reshape(h.shape[0], self.q_size), o, o_quant)
         h, x = torch.ops.conserve.add_rms_norm(h, y, norm, self.eps, self.dtype)
-        return h + linear(torch.ops.conserve.silu_mul(linear(x, gate_up, gate_up_quant)), down, down_quant)
+        if gate_up_quant is None and isinstance(gate_up, PanelWeight) and gate_up.gated:
+            gated = gate_up.silu_matmul(x)  # SiLU-gating in the matmul's epilogue
+        else:
+            gated = torch.ops.conserve.silu_mul(linear(x, gate_up, gate_up_quant))
+        return h + linear(gated, down, down_quant)
 
 
 class CompiledLayerBody(LayerBody):
