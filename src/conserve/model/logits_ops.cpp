@@ -75,7 +75,7 @@ int64_t argmax_row(const float* row, int64_t n) {
 #endif
 }
 
-// The k best (value, index) pairs of a row, kept sorted ascending so heap[0] is the bar to pass; most
+// The k best (value, index) pairs of a row, kept sorted ascending so kept[0] is the bar to pass; most
 // vectors of a row have no lane above it, so the scan is a compare per 16 values.
 void top_row(const float* row, int64_t n, int64_t k, int64_t* out) {
   std::vector<std::pair<float, int64_t>> kept;

@@ -191,7 +191,7 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
       const c10::BFloat16* v_head = v_cache + h * slots * D;
       for (int64_t start = 0; start < n; start += 16) {
         const int64_t count = std::min<int64_t>(16, n - start);
-        // 16 keys lie in one block (block_size is a power of two >= 16, or a divisor handled below).
+        // 16 keys lie in one block: this path takes block sizes that are multiples of 16.
         const int64_t slot = static_cast<int64_t>(table[start / block_size]) * block_size + start % block_size;
         if (start % block_size + 16 >= block_size && start + 16 < n) {  // next block: ask for it early
           const int64_t next = static_cast<int64_t>(table[(start + 16) / block_size]) * block_size * D;
