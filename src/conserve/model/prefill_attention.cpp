@@ -45,7 +45,7 @@ constexpr int64_t kLanes = CONSERVE_LANES;
 typedef float vfloat __attribute__((vector_size(CONSERVE_LANES * sizeof(float))));
 
 constexpr int64_t QUERY_TILE = 32;  // positions per unit
-constexpr int64_t KEY_TILE = 64;    // keys per softmax step; a multiple of 2 * kLanes
+constexpr int64_t KEY_TILE = 64;    // keys per softmax step; a multiple of 2 * kLanes, and of 64 (bf16 path)
 constexpr int64_t ROW_BLOCK = 4;    // query rows per register block
 
 inline vfloat load(const float* p) {
@@ -278,6 +278,45 @@ void pack_kv(const c10::BFloat16* k, const c10::BFloat16* v, const Shapes& s, in
   });
 }
 
+// ROW_BLOCK query rows (bf16 pairs, row stride D / 2) x V vectors of 16 keys (kp layout, row stride
+// KEY_TILE) -> float32 scores (row stride KEY_TILE). 4 x 4 = 16 independent accumulators: vdpbf16ps's
+// latency needs ~12 in flight to keep both pipes busy (4 x 2 ran at ~40% of its rate).
+template <int64_t D, int V>
+inline void score_rows(const uint32_t* q, const uint32_t* kt, float* scores) {
+  __m512 a[ROW_BLOCK][V];
+  for (int r = 0; r < ROW_BLOCK; ++r)
+    for (int v = 0; v < V; ++v) a[r][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D / 2; ++i) {
+    __m512i k[V];
+    for (int v = 0; v < V; ++v) k[v] = _mm512_loadu_si512(kt + i * KEY_TILE + 16 * v);
+    for (int r = 0; r < ROW_BLOCK; ++r) {
+      const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(q[r * D / 2 + i]));
+      for (int v = 0; v < V; ++v) a[r][v] = dot_pairs(a[r][v], b, k[v]);
+    }
+  }
+  for (int r = 0; r < ROW_BLOCK; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(scores + r * KEY_TILE + 16 * v, a[r][v]);
+}
+
+// acc[r][0 : 16 V] += probs[r] . V for ROW_BLOCK rows (probs: bf16 pairs, row stride KEY_TILE / 2;
+// vt: the vp layout at this head dimension, row stride D; acc row stride D).
+template <int64_t D, int V>
+inline void value_rows(const uint32_t* probs, const uint32_t* vt, float* acc, int64_t pairs) {
+  __m512 a[ROW_BLOCK][V];
+  for (int r = 0; r < ROW_BLOCK; ++r)
+    for (int v = 0; v < V; ++v) a[r][v] = _mm512_loadu_ps(acc + r * D + 16 * v);
+  for (int64_t jj = 0; jj < pairs; ++jj) {
+    __m512i x[V];
+    for (int v = 0; v < V; ++v) x[v] = _mm512_loadu_si512(vt + jj * D + 16 * v);
+    for (int r = 0; r < ROW_BLOCK; ++r) {
+      const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(probs[r * KEY_TILE / 2 + jj]));
+      for (int v = 0; v < V; ++v) a[r][v] = dot_pairs(a[r][v], b, x[v]);
+    }
+  }
+  for (int r = 0; r < ROW_BLOCK; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + r * D + 16 * v, a[r][v]);
+}
+
 template <int64_t D>
 void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, c10::BFloat16* out,
                  const Shapes& s) {
@@ -306,25 +345,7 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFlo
         const int64_t live_from = u.live_from(start);
         for (int64_t m = live_from; m < u.padded; m += ROW_BLOCK) {
           const uint32_t* q0 = qb.data() + m * D / 2;
-          for (int64_t jb = 0; jb < KEY_TILE; jb += 32) {
-            __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
-                   a31 = a00;
-            for (int64_t i = 0; i < D / 2; ++i) {
-              const __m512i k0 = _mm512_loadu_si512(kt + i * KEY_TILE + jb);
-              const __m512i k1 = _mm512_loadu_si512(kt + i * KEY_TILE + jb + 16);
-              const __m512i b0 = _mm512_set1_epi32(q0[i]), b1 = _mm512_set1_epi32(q0[D / 2 + i]);
-              const __m512i b2 = _mm512_set1_epi32(q0[D + i]), b3 = _mm512_set1_epi32(q0[3 * D / 2 + i]);
-              a00 = dot_pairs(a00, b0, k0), a01 = dot_pairs(a01, b0, k1);
-              a10 = dot_pairs(a10, b1, k0), a11 = dot_pairs(a11, b1, k1);
-              a20 = dot_pairs(a20, b2, k0), a21 = dot_pairs(a21, b2, k1);
-              a30 = dot_pairs(a30, b3, k0), a31 = dot_pairs(a31, b3, k1);
-            }
-            float* out_s = scores.data() + m * KEY_TILE + jb;
-            _mm512_storeu_ps(out_s, a00), _mm512_storeu_ps(out_s + 16, a01);
-            _mm512_storeu_ps(out_s + KEY_TILE, a10), _mm512_storeu_ps(out_s + KEY_TILE + 16, a11);
-            _mm512_storeu_ps(out_s + 2 * KEY_TILE, a20), _mm512_storeu_ps(out_s + 2 * KEY_TILE + 16, a21);
-            _mm512_storeu_ps(out_s + 3 * KEY_TILE, a30), _mm512_storeu_ps(out_s + 3 * KEY_TILE + 16, a31);
-          }
+          for (int64_t jb = 0; jb < KEY_TILE; jb += 64) score_rows<D, 4>(q0, kt + jb, scores.data() + m * KEY_TILE + jb);
         }
         for (int64_t m = live_from; m < u.padded; ++m) {
           float* row = scores.data() + m * KEY_TILE;
@@ -342,25 +363,9 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFlo
         for (int64_t m = live_from; m < u.padded; m += ROW_BLOCK) {
           const uint32_t* p0 = reinterpret_cast<const uint32_t*>(probs.data() + m * KEY_TILE);
           float* a = acc.data() + m * D;
-          for (int64_t ib = 0; ib < D; ib += 32) {
-            __m512 a00 = _mm512_loadu_ps(a + ib), a01 = _mm512_loadu_ps(a + ib + 16);
-            __m512 a10 = _mm512_loadu_ps(a + D + ib), a11 = _mm512_loadu_ps(a + D + ib + 16);
-            __m512 a20 = _mm512_loadu_ps(a + 2 * D + ib), a21 = _mm512_loadu_ps(a + 2 * D + ib + 16);
-            __m512 a30 = _mm512_loadu_ps(a + 3 * D + ib), a31 = _mm512_loadu_ps(a + 3 * D + ib + 16);
-            for (int64_t jj = 0; jj < pairs; ++jj) {
-              const __m512i v0 = _mm512_loadu_si512(vt + jj * D + ib), v1 = _mm512_loadu_si512(vt + jj * D + ib + 16);
-              const __m512i b0 = _mm512_set1_epi32(p0[jj]), b1 = _mm512_set1_epi32(p0[KEY_TILE / 2 + jj]);
-              const __m512i b2 = _mm512_set1_epi32(p0[KEY_TILE + jj]), b3 = _mm512_set1_epi32(p0[3 * KEY_TILE / 2 + jj]);
-              a00 = dot_pairs(a00, b0, v0), a01 = dot_pairs(a01, b0, v1);
-              a10 = dot_pairs(a10, b1, v0), a11 = dot_pairs(a11, b1, v1);
-              a20 = dot_pairs(a20, b2, v0), a21 = dot_pairs(a21, b2, v1);
-              a30 = dot_pairs(a30, b3, v0), a31 = dot_pairs(a31, b3, v1);
-            }
-            _mm512_storeu_ps(a + ib, a00), _mm512_storeu_ps(a + ib + 16, a01);
-            _mm512_storeu_ps(a + D + ib, a10), _mm512_storeu_ps(a + D + ib + 16, a11);
-            _mm512_storeu_ps(a + 2 * D + ib, a20), _mm512_storeu_ps(a + 2 * D + ib + 16, a21);
-            _mm512_storeu_ps(a + 3 * D + ib, a30), _mm512_storeu_ps(a + 3 * D + ib + 16, a31);
-          }
+          int64_t ib = 0;
+          for (; ib + 64 <= D; ib += 64) value_rows<D, 4>(p0, vt + ib, a + ib, pairs);
+          for (; ib < D; ib += 32) value_rows<D, 2>(p0, vt + ib, a + ib, pairs);
         }
       }
       write_unit<c10::BFloat16, D>(u, acc.data(), run_sum.data(), out, s);
