@@ -376,7 +376,9 @@ def test_online_with_flex_offline_load(fake, tmp_path, capsys):
     assert len(ok) == 8
     for r in ok:
         assert r["ttft_ms"] >= FIRST_S * 1e3 * 0.9
-        assert r["e2el_ms"] >= r["ttft_ms"] + 5 * STEP_S * 1e3 * 0.9
+        # The fake sends the last token no earlier than FIRST_S + 5 steps after the request; measured from the
+        # client's first token the gap can look shorter (a late first read, then a burst of tokens).
+        assert r["e2el_ms"] >= (FIRST_S + 5 * STEP_S) * 1e3 * 0.9 and r["e2el_ms"] > r["ttft_ms"]
         assert r["output_tokens"] == 6 and r["prompt_tokens"] == 8  # 8 words, counted by the fake
         assert len(r["itls_ms"]) == 5 and all(x > 0 for x in r["itls_ms"]) and r["tpot_ms"] > 0
     assert all("injected failure" in r["error"] for r in rep["requests"] if r["error"])
