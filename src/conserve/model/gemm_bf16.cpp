@@ -125,10 +125,9 @@ inline void write_rows(const float* acc, int64_t rows, const float* bias, c10::B
   }
 }
 
-// silu(gate) * up of accumulated rows -> bf16 y columns [0, cols); sigmoid from e = exp(-|g|) <= 1.
+// silu(gate) * up of accumulated rows -> bf16 y columns [0, cols).
 inline void write_gated_rows(const float* gate, const float* up, int64_t rows, c10::BFloat16* y, int64_t ldy,
                              int64_t cols) {
-  const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
   for (int v = 0; v < kPanelVecs; ++v) {
     const int64_t left = cols - v * kVec;
     if (left <= 0) break;
@@ -136,10 +135,7 @@ inline void write_gated_rows(const float* gate, const float* up, int64_t rows, c
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 g = _mm512_loadu_ps(gate + (r * kPanelVecs + v) * kVec);
       const __m512 u = _mm512_loadu_ps(up + (r * kPanelVecs + v) * kVec);
-      const __m512 e = conserve_kernels::exp_nonpositive16(_mm512_sub_ps(zero, _mm512_abs_ps(g)));
-      const __mmask16 positive = _mm512_cmp_ps_mask(g, zero, _CMP_GE_OQ);
-      const __m512 sig = _mm512_div_ps(_mm512_mask_mov_ps(e, positive, one), _mm512_add_ps(one, e));
-      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(g, sig), u));
+      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(conserve_kernels::silu16(g), u));
       _mm256_mask_storeu_epi16(y + r * ldy + v * kVec, lanes, reinterpret_cast<const __m256i&>(rounded));
     }
   }

@@ -19,9 +19,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "kernel_common.h"
+
 
 namespace {
 
@@ -48,7 +47,7 @@ int64_t argmax_row(const float* row, int64_t n) {
     nan |= _mm512_cmp_ps_mask(_mm512_add_ps(a, b), _mm512_add_ps(c, d), _CMP_UNORD_Q);
   }
   for (; j < n; j += 16) {
-    const __mmask16 lanes = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 lanes = conserve_kernels::first_lanes(n - j);
     const __m512 v = _mm512_mask_loadu_ps(lowest, lanes, row + j);
     m0 = _mm512_max_ps(m0, v);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -60,7 +59,7 @@ int64_t argmax_row(const float* row, int64_t n) {
   const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
   const __m512 target = _mm512_set1_ps(top);
   for (j = 0; j < n; j += 16) {
-    const __mmask16 lanes = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 lanes = conserve_kernels::first_lanes(n - j);
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, row + j), target, _CMP_EQ_OQ);
     if (hit) return j + __builtin_ctz(hit);
   }
