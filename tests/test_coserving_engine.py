@@ -62,6 +62,8 @@ def test_online_and_offline_outputs_equal_running_alone():
         step += 1
         assert step < 500
     assert mixed_iterations > 0  # online and offline did share iterations
+    # Each of them reported its measured time for the error tail the offline fill is planned against.
+    assert len(engine.scheduler.fill_tail) == mixed_iterations
     assert any(requests[rid].num_preemptions for rid in offline)  # memory pressure did preempt offline
     assert not any(requests[rid].num_preemptions for rid in online)
     engine.offload.wait_all()  # the last checkpoint copies hold their blocks until they land

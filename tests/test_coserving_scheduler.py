@@ -400,3 +400,57 @@ def test_with_a_slowdown_bound_recent_online_traffic_shrinks_offline_only_iterat
 def test_the_slowdown_bound_must_allow_online_work_itself():
     with pytest.raises(ValueError, match="max_online_slowdown"):
         SchedulerConfig(max_online_slowdown=0.9)
+
+
+def noisy_seconds(out, index):
+    """A fake runner whose iterations run at the prediction, except every 10th (a tenth of them) at 1.4x."""
+    return MODEL.predict(out.shape) * (1.4 if index % 10 == 9 else 1.0)
+
+
+@pytest.mark.parametrize("quantile, most_over", [(0.99, 0.0), (None, 0.05)])
+@pytest.mark.parametrize("seed", range(3))
+def test_offline_fill_is_planned_against_the_measured_error_tail(seed, quantile, most_over):
+    """With --tbt-quantile, iterations that carry offline work beside online work feed their measured /
+    predicted time back, and the fill limit becomes the objective over that quantile: here 100 ms / 1.4,
+    so no filled iteration runs over the objective even at 1.4x its prediction. With the fixed 10%
+    margin (off), a tenth of them would (90 ms x 1.4 = 126 ms)."""
+    sched, _ = make(tbt_quantile=quantile)
+    rng = random.Random(seed)
+    # A steady online stream (an arrival every 8 iterations, 20-30 tokens out: online decodes in most
+    # iterations) beside long offline requests.
+    online = [(8 * i, req(f"on{i}", rng.randrange(2, 60), rng.randrange(20, 30))) for i in range(120)]
+    offline = [req(f"off{i}", rng.randrange(200, 400), 100, OFFLINE) for i in range(30)]
+    stats = {"filled": 0, "over": 0, "index": 0}
+
+    def run(out):
+        seconds = noisy_seconds(out, stats["index"])
+        stats["index"] += 1
+        online_tokens = any(s.request.is_online for s in out.scheduled)
+        offline_tokens = sum(s.num_new_tokens for s in out.scheduled if not s.request.is_online)
+        assert out.filled == (online_tokens and offline_tokens > 0)
+        if not out.filled:
+            return
+        if sched.fill_tail is not None:
+            sched.fill_tail.observe(seconds, MODEL.predict(out.shape))
+        stats["filled"] += 1
+        # Count the co-served iterations over the objective once the tail has been measured.
+        stats["over"] += stats["filled"] > 64 and seconds > sched.config.slo_tbt_s + 1e-9
+
+    drive(sched, online, offline, run, limit=20000)
+    assert stats["filled"] > 200
+    assert stats["over"] <= most_over * stats["filled"]
+    if quantile is None:
+        assert sched.tbt_fill_limit_s() == pytest.approx(0.09)
+        assert stats["over"] > 0  # the fixed margin does not cover this machine's tail
+    else:
+        assert sched.tbt_fill_limit_s() == pytest.approx(0.1 / 1.4)
+
+
+def test_the_fill_limit_keeps_the_fixed_margin_until_enough_iterations_were_measured():
+    sched, _ = make()
+    assert sched.tbt_fill_limit_s() == pytest.approx(0.09)
+    for _ in range(64):
+        sched.fill_tail.observe(0.08, 0.1)  # this machine runs co-served iterations faster than predicted
+    assert sched.tbt_fill_limit_s() == pytest.approx(0.1 / 0.8)
+    with pytest.raises(ValueError, match="tbt_quantile"):
+        SchedulerConfig(tbt_quantile=1.0)

@@ -24,6 +24,19 @@ def gib_or_auto(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number of GiB or 'auto', got {value!r}") from None
 
 
+def quantile_or_off(value: str) -> float | None:
+    """argparse type of --tbt-quantile."""
+    if value == "off":
+        return None
+    try:
+        q = float(value)
+    except ValueError:
+        q = -1.0
+    if not 0 < q < 1:
+        raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1) or 'off', got {value!r}")
+    return q
+
+
 _S = SchedulerConfig  # the scheduler's own defaults, written once there
 
 # Weight-only quantised matmuls (model/quant.py says what each mode quantises).
@@ -135,7 +148,7 @@ class EngineConfig(Flagged):
     scheduler: str = flag(
         _S.policy, "`conserve`: online decodes always run, online prefill is chunked to keep running online "
         "decodes within `--slo-tbt-ms`, offline work fills each iteration while the predicted time stays under "
-        "the TBT objective minus 10%, and with no online work offline batches grow to the size the latency model "
+        "the TBT objective (see `--tbt-quantile`), and with no online work offline batches grow to the size the latency model "
         "predicts runs most efficiently (within `--max-offline-batched-tokens`; capped by `--max-iteration-ms` "
         "only without `--preemption layer`); offline is guaranteed a little progress every 8 iterations. `fcfs`: "
         "one queue, no classes. `priority`: online before offline, preemption only when KV memory runs out "
@@ -143,6 +156,12 @@ class EngineConfig(Flagged):
         group="coserving", choices=list(POLICIES))
     slo_tbt_ms: float = flag(_S.slo_tbt_s * 1000, "time-between-tokens objective of online requests: "
                              "iterations with online work are planned to stay under it", group="coserving")
+    tbt_quantile: float | None = flag(
+        _S.tbt_quantile, "offline work beside online work is planned so that this quantile of such iterations "
+        "stays under `--slo-tbt-ms`: the objective is divided by that quantile of measured/predicted time over "
+        "the last 512 of them (the latency model predicts a mean; on a CPU the slow end runs ~1.5x it). "
+        "`off`, and until 32 were seen: the objective less a fixed 10%", group="coserving",
+        type=quantile_or_off, metavar="Q|off")
     slo_ttft_ms: float = flag(_S.slo_ttft_s * 1000, "time-to-first-token objective of online requests "
                               "(decides layer-wise preemption)", group="coserving")
     max_iteration_ms: float = flag(
@@ -258,6 +277,6 @@ class EngineConfig(Flagged):
                                slo_tbt_s=self.slo_tbt_ms / 1000, max_iteration_s=self.max_iteration_ms / 1000,
                                max_offline_batched_tokens=self.max_offline_batched_tokens,
                                offline_iteration_s=offline_iteration_s,
-                               max_online_slowdown=self.max_online_slowdown,
+                               max_online_slowdown=self.max_online_slowdown, tbt_quantile=self.tbt_quantile,
                                num_layer_groups=-(-num_layers // self.safepoint_every))
 

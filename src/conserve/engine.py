@@ -375,6 +375,9 @@ class Engine:
         if self.latency_model is not None:
             # The whole step (planning, model, outputs) is what an online request feels between tokens.
             model = self.latency_model
+            tail = self.scheduler.fill_tail
+            if sched_out.filled and tail is not None:
+                tail.observe(seconds, model.predict(sched_out.shape))
             drift_refits = model.drift_refits
             if model.observe(sched_out.shape, seconds) and drift_refits == 0 and model.drift_refits == 1:
                 log.warning("live iterations drifted more than %d%% from the latency model for %d iterations "
@@ -433,7 +436,7 @@ class Engine:
         layers = self.runner.num_layers
         per_layer = self.latency_model.predict(sched_out.shape) / layers if self.latency_model else 0.0
         elapsed = time.perf_counter() - step_started
-        slack = config.tbt_limit_s - elapsed
+        slack = self.scheduler.tbt_fill_limit_s() - elapsed
         patience = config.starvation_iterations
         if config.max_online_slowdown is not None:
             self._slack_bank += max(0.0, min(slack, (config.max_online_slowdown - 1) * elapsed))

@@ -124,6 +124,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     _conserve("conserve", "conserve defaults (everything on) + offline load"),
     _conserve("conserve-slowdown", "conserve with offline fill bounded relative to online-only iterations",
               "--max-online-slowdown", "1.2"),
+    _conserve("fixed-margin", "ablation: offline fill planned to the TBT objective less 10%, not to the "
+              "measured error tail", "--tbt-quantile", "off"),
     _conserve("fcfs", "ablation: one FCFS queue", "--scheduler", "fcfs"),
     _conserve("priority", "ablation: online first, preempt only on KV pressure", "--scheduler", "priority"),
     _conserve("sarathi", "ablation: fixed per-iteration token budget", "--scheduler", "sarathi"),

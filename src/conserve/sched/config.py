@@ -21,6 +21,10 @@ class SchedulerConfig:
     slo_ttft_s: float = 1.0
     slo_tbt_s: float = 0.1
     tbt_margin: float = 0.1  # fraction of the TBT objective kept back for the model's error
+    # Offline fill beside online work is planned so that this quantile of such iterations stays under
+    # the TBT objective, from the live spread of measured/predicted times (sched/error_tail.py); the
+    # fixed tbt_margin until enough were seen. None: always the fixed margin.
+    tbt_quantile: float | None = 0.99
     max_iteration_s: float = 0.5  # longest iteration without online work (bounds an arrival's wait)
     # Offline-only iterations (conserve): the latency model picks their size for throughput, within
     # this many tokens and offline_iteration_s (None: max_iteration_s). With layer-wise preemption
@@ -54,6 +58,8 @@ class SchedulerConfig:
             raise ValueError(f"max_online_slowdown must be >= 1 (or None: off), got {self.max_online_slowdown}")
         if self.num_layer_groups < 1:
             raise ValueError(f"num_layer_groups must be >= 1, got {self.num_layer_groups}")
+        if self.tbt_quantile is not None and not 0 < self.tbt_quantile < 1:
+            raise ValueError(f"tbt_quantile must be in (0, 1) (or None: off), got {self.tbt_quantile}")
         if not 0 <= self.tbt_margin < 1:
             raise ValueError(f"tbt_margin must be in [0, 1), got {self.tbt_margin}")
 

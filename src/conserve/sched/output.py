@@ -27,6 +27,9 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     # Resumed requests whose checkpoint (this many tokens) the engine must prefetch before they compute.
     prefetch: list[tuple[Request, int]] = field(default_factory=list)
+    # Offline work was planned beside online work under the fill limit (conserve): the engine reports
+    # how long the iteration really took, for the error tail that limit is planned against.
+    filled: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -10,7 +10,8 @@ With `fcfs` there are no classes: one pass over everything in arrival order. `pr
 `sarathi` keep the phases under a fixed token budget. `conserve` sizes every step with the latency
 model: online decodes always run; online prefill is chunked so the running online decodes keep their
 TBT; offline work is added only while the predicted iteration time stays under the TBT objective
-minus a margin, or, with no online work in the iteration, while it raises the predicted throughput
+over the measured tail of the model's error (error_tail.py; a fixed margin until measured), or, with
+no online work in the iteration, while it raises the predicted throughput
 and stays under max_iteration_s. A starvation guard runs some offline work at least every few
 iterations. When KV blocks run out, victims are chosen by `victims.choose_victim`.
 """
@@ -24,6 +25,7 @@ from conserve.errors import RequestError
 from conserve.kv.kv_manager import KVCacheManager
 from conserve.request import Request, RequestStatus
 from conserve.sched.config import SchedulerConfig
+from conserve.sched.error_tail import ErrorTail
 from conserve.sched.latency_model import LatencyModel, decode_batch
 from conserve.sched.output import SchedulerOutput
 from conserve.sched.plan import IterationPlan, best_throughput_chunk, largest_fitting
@@ -54,6 +56,8 @@ class Scheduler:
         # Set by the engine: online requests came lately, so more may come while an offline-only
         # iteration runs; stopped, its layers then have to fit beside online iterations.
         self.online_recently = False
+        # How far iterations that carried offline work beside online work ran over their prediction.
+        self.fill_tail = ErrorTail(config.tbt_quantile) if config.tbt_quantile is not None else None
 
     # -- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -144,6 +148,7 @@ class Scheduler:
             self._admit(plan, [r for r in self.waiting if not r.is_online])
         if self.config.policy == "conserve":
             self._guard_starvation(plan)
+            out.filled = plan.has_online and plan.num_offline > 0
         return out
 
     def _schedule_running(self, plan: IterationPlan, requests: list[Request]) -> None:
@@ -232,10 +237,17 @@ class Scheduler:
             return 0
         return n
 
+    def tbt_fill_limit_s(self) -> float:
+        """The predicted time offline work may raise an iteration with online work to: the TBT
+        objective over the tbt_quantile of measured/predicted on such iterations (so that quantile of
+        them stays under the objective), or the objective less the fixed margin until enough were seen."""
+        factor = self.fill_tail.factor() if self.fill_tail is not None else None
+        return self.config.tbt_limit_s if factor is None else self.config.slo_tbt_s / factor
+
     def _fill_limit(self, plan: IterationPlan) -> float:
-        """How long offline work may make an iteration whose online part is planned: the TBT
-        objective less its margin, and with max_online_slowdown, that multiple of the online part."""
-        limit = self.config.tbt_limit_s
+        """How long offline work may make an iteration whose online part is planned: tbt_fill_limit_s,
+        and with max_online_slowdown, that multiple of the online part."""
+        limit = self.tbt_fill_limit_s()
         slowdown = self.config.max_online_slowdown
         if slowdown is not None:
             limit = min(limit, slowdown * self.latency_model.predict(plan.shape))

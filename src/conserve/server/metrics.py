@@ -68,6 +68,9 @@ class Metrics:
                                   "work since start", registry=r)
         self.resumed = Counter("conserve_resumed_iterations", "Offline iterations stopped between layers "
                                "that resumed where they stopped", registry=r)
+        self.fill_limit = Gauge("conserve_tbt_fill_limit_seconds", "Predicted time offline work may raise an "
+                                "iteration with online work to (the TBT objective over the measured error tail, "
+                                "--tbt-quantile)", registry=r)
         self._seen: dict[str, int] = {}
         self._engine = None  # weak reference: the engine whose running totals _seen mirrors
 
@@ -99,6 +102,8 @@ class Metrics:
         self._count(self.model_seconds.labels(RequestClass.OFFLINE.value), "offline_s", stats.offline_busy_s)
         self.harvest_rate.set(stats.offline_tokens_per_s())
         self.offline_time.set(stats.offline_time_fraction)
+        if sched.config.policy == "conserve":
+            self.fill_limit.set(sched.tbt_fill_limit_s())
         while engine.preemption.latencies:
             self.preemption_latency.observe(engine.preemption.latencies.popleft())
         if engine.offload is not None:
