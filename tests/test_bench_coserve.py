@@ -142,7 +142,7 @@ def _ctx(tmp_path, **kw) -> LaunchContext:
 
 def test_system_selection():
     assert [s.name for s in select_systems(None)] == list(SYSTEMS)
-    assert list(SYSTEMS)[:3] == ["online-only", "non-preemptive", "conserve"] and len(SYSTEMS) == 13
+    assert list(SYSTEMS)[:3] == ["online-only", "non-preemptive", "conserve"] and len(SYSTEMS) == 14
     assert [s.name for s in select_systems("conserve, online-only,conserve")] == ["conserve", "online-only"]
     with pytest.raises(ValueError, match="unknown system.*nope"):
         select_systems("conserve,nope")
@@ -158,7 +158,7 @@ def test_conserve_command_lines(tmp_path):
     expected = {"online-only": [], "conserve": [], "fcfs": ["--scheduler", "fcfs"],
                 "priority": ["--scheduler", "priority"], "sarathi": ["--scheduler", "sarathi"],
                 "iteration-preemption": ["--preemption", "iteration"], "recompute": ["--offline-kv", "recompute"],
-                "layer-restart": ["--preemption", "layer-restart"]}
+                "layer-restart": ["--preemption", "layer-restart"], "fixed-margin": ["--tbt-quantile", "off"]}
     for name, args in expected.items():
         assert conserve_launch(SYSTEMS[name], _ctx(tmp_path, server_timeout_s=5)).argv[10:] == args, name
     assert [n for n, s in SYSTEMS.items() if not s.offline] == ["online-only", "vllm-online-only"]

@@ -151,3 +151,6 @@ def test_metrics_report_classes(server, client, model):
     assert offline >= 2
     assert float(re.search(r"^conserve_offline_tokens_per_second (\S+)$", text, re.M).group(1)) > 0
     assert float(re.search(r"^conserve_offline_time_fraction (\S+)$", text, re.M).group(1)) > 0
+    # What offline work may fill an online iteration to: the TBT objective over the error tail (or less
+    # the fixed margin while too few co-served iterations were measured).
+    assert float(re.search(r"^conserve_tbt_fill_limit_seconds (\S+)$", text, re.M).group(1)) > 0

@@ -113,10 +113,13 @@ class BenchClient:
             raise BenchError(f"GET {self.base_url}/v1/models gave no model id (HTTP {r.status_code}); "
                              "pass --model") from None
 
-    async def stream(self, path: str, payload: dict) -> RequestResult:
-        """Send one streaming request and time it; never raises for a failed request."""
+    async def stream(self, path: str, payload: dict, res: RequestResult | None = None) -> RequestResult:
+        """Send one streaming request and time it; never raises for a failed request. A caller that
+        passes `res` sees it fill in while the stream runs (what a cancelled request got done)."""
         chat = "messages" in payload
-        res = RequestResult(start=time.perf_counter())
+        if res is None:
+            res = RequestResult(start=time.perf_counter())
+        res.start = time.perf_counter()
         try:
             async with self._http.stream("POST", path, json=payload) as r:
                 if r.status_code != 200:

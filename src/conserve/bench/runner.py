@@ -93,6 +93,7 @@ def build_report(config: BenchConfig, model: str, results: list[RequestResult], 
     offline_tok_s = offline.tokens / max(duration, 1e-9)
     report.update({"offline_mode": offline.mode, "offline_completed": offline.completed,
                    "offline_failed": offline.failed, "offline_throughput_tok_s": offline_tok_s,
+                   "offline_partial_tokens": offline.partial_tokens,
                    "total_throughput_tok_s": report["online_throughput_tok_s"] + offline_tok_s,
                    "offline_batch_id": offline.batch_id})
     errors = [r.error for r in results if r.error]
